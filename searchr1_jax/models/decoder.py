@@ -1,0 +1,222 @@
+"""The causal decoder (Qwen2/2.5, Qwen3, Llama 3.x) and the value model built on its trunk.
+
+Attribute names mirror transformers' module tree (`model.layers[i].self_attn.q_proj`, …)
+so the HF key map in `hf_io.py` reads as a plain table.
+
+Call modes of `Decoder`:
+  * `model(tokens, attention_mask)` → logits [B, T, V] (training / scoring);
+  * `model.extend(tokens, token_mask, cache)` → (logits [B, C, V], cache): prefill a prompt
+    or append any chunk (one decoded token, an observation) to each row's cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from searchr1_jax.models.config import ModelConfig
+from searchr1_jax.models.kv_cache import (KVCache, chunk_attention_mask, chunk_extent,
+                                          chunk_positions, write_rows)
+from searchr1_jax.models.layers import Linear, RMSNorm, apply_rope, attend, rope_inverse_frequencies
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] positions counting only real tokens (left padding gets position 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T, T] bool: query t sees real keys s <= t."""
+    t = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(h, cfg.num_heads * d, axes=("embed", "q_heads"), use_bias=cfg.qkv_bias, **lin)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **lin)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **lin)
+        self.o_proj = Linear(cfg.num_heads * d, h, axes=("q_heads", "embed"), use_bias=cfg.o_bias, **lin)
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = RMSNorm(d, **norm) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, **norm) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+
+    def project(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        """x [B, T, E] → q [B, T, H, D], k and v [B, T, KVH, D], RoPE applied to q and k."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def output(self, attn: jax.Array) -> jax.Array:
+        b, t = attn.shape[:2]
+        return self.o_proj(attn.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        lin = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **lin)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **lin)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **lin)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, mask, inv_freq, kv=None, start=None):
+        """One block. Without `kv`: attend within x. With kv = (K [B,S,KVH,D], V): write this
+        chunk's keys/values at slots `start` and attend over the whole buffer.
+        Returns (x, kv) with kv the updated buffers (or None)."""
+        q, k, v = self.self_attn.project(self.input_layernorm(x), positions, inv_freq)
+        if kv is not None:
+            k = write_rows(kv[0], k, start)
+            v = write_rows(kv[1], v, start)
+            kv = (k, v)
+        x = x + self.self_attn.output(attend(q, k, v, mask))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Transformer(nnx.Module):
+    """Embeddings, decoder layers and final norm: tokens → hidden states [B, T, E]."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool = False):
+        emb = 0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        self.embed_tokens = nnx.Param(emb.astype(param_dtype), logical_axes=("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.dtype = dtype
+        self.remat = remat
+        self.head_dim = cfg.head_dim
+        self.rope = cfg.rope
+
+    def __call__(self, tokens, positions, mask, cache: KVCache | None = None, start=None):
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            if self.remat:
+                call = nnx.remat(lambda lyr, h, kv_: lyr(h, positions, mask, inv_freq, kv_, start))
+                x, kv = call(layer, x, kv)
+            else:
+                x, kv = layer(x, positions, mask, inv_freq, kv, start)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        return self.norm(x), (tuple(new_keys), tuple(new_values))
+
+
+class Decoder(nnx.Module):
+    """Causal LM. Parameters in `param_dtype`, matmuls in `dtype`, logits always float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        self.config = cfg
+        self.model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                               use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., E] → float32 logits [..., V]."""
+        if self.lm_head is None:
+            emb = self.model.embed_tokens[...].astype(hidden.dtype)
+            out = jnp.einsum("...e,ve->...v", hidden, emb, preferred_element_type=jnp.float32)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def hidden_states(self, tokens, attention_mask=None, positions=None) -> jax.Array:
+        """Final-norm hidden states [B, T, E] of a full (left- or right-padded) sequence."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        hidden, _ = self.model(tokens, positions, causal_padding_mask(attention_mask))
+        return hidden
+
+    def __call__(self, tokens, attention_mask=None, positions=None) -> jax.Array:
+        """tokens, attention_mask: int32 [B, T] → logits float32 [B, T, V].
+
+        Positions default to the count of real tokens before each one, so left padding
+        works; logits at padding positions are meaningless.
+        """
+        return self.logits(self.hidden_states(tokens, attention_mask, positions))
+
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+        cfg = self.config
+        return KVCache.create(num_layers=cfg.num_layers, batch=batch, capacity=capacity,
+                              num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                              dtype=dtype or self.model.dtype)
+
+    def extend(self, tokens, token_mask, cache: KVCache):
+        """Append a chunk to every row's cache and return its logits.
+
+        tokens, token_mask: int32 [B, C]; token_mask = 0 marks padding (left or right).
+        Row b's chunk is written at slots cache.length[b] …; each row needs
+        cache.length + C <= capacity. Returns (logits float32 [B, C, V], updated cache).
+        """
+        start = cache.length
+        positions = chunk_positions(cache.valid, token_mask)
+        valid = write_rows(cache.valid, token_mask.astype(bool), start)
+        mask = chunk_attention_mask(valid, start, tokens.shape[1])
+        hidden, (keys, values) = self.model(tokens, positions, mask, cache, start)
+        new_cache = KVCache(keys=keys, values=values, valid=valid,
+                            length=start + chunk_extent(token_mask))
+        return self.logits(hidden), new_cache
+
+
+class ValueModel(nnx.Module):
+    """The decoder trunk with a scalar head: tokens → values float32 [B, T]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        self.config = cfg
+        self.model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        self.value_head = Linear(cfg.hidden_size, 1, axes=("embed", "scalar"), use_bias=True,
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    @classmethod
+    def from_decoder(cls, decoder: Decoder, *, rngs: nnx.Rngs, dtype=None, param_dtype=None,
+                     remat: bool = False) -> "ValueModel":
+        """A critic whose trunk is a copy of `decoder`'s weights and whose head is fresh."""
+        trunk_state = nnx.state(decoder.model, nnx.Param)
+        param_dtype = param_dtype or jax.tree.leaves(trunk_state)[0].dtype
+        critic = nnx.eval_shape(lambda: cls(decoder.config, rngs=nnx.Rngs(0), remat=remat,
+                                            dtype=dtype or decoder.model.dtype,
+                                            param_dtype=param_dtype))
+        head = Linear(decoder.config.hidden_size, 1, axes=("embed", "scalar"), use_bias=True,
+                      dtype=dtype or decoder.model.dtype, param_dtype=param_dtype, rngs=rngs)
+        # Copies, not aliases: the policy's buffers may be donated by its own update step.
+        nnx.update(critic.model, jax.tree.map(lambda x: jnp.array(x, dtype=param_dtype, copy=True),
+                                              trunk_state))
+        critic.value_head = head
+        return critic
+
+    def __call__(self, tokens, attention_mask=None, positions=None) -> jax.Array:
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        hidden, _ = self.model(tokens, positions, causal_padding_mask(attention_mask))
+        return self.value_head(hidden)[..., 0].astype(jnp.float32)
