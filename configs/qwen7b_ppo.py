@@ -1,0 +1,18 @@
+"""Search-R1 PPO on Qwen2.5-7B (base), the published recipe, with FSDP over 8 devices.
+
+  python -m searchr1_jax.train --config=configs/qwen7b_ppo.py --config.model.path=/models/Qwen2.5-7B
+"""
+from searchr1_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "qwen7b_ppo"
+    c.model.path = "models/Qwen2.5-7B"
+    c.data.train_files = "data/nq_hotpotqa_train/train.parquet"
+    c.data.val_files = "data/nq_hotpotqa_train/test.parquet"
+    c.retriever.url = "http://127.0.0.1:8000/retrieve"
+    c.algorithm.name = "ppo"
+    c.trainer.micro_batch_size = 16
+    c.mesh.preset = "fsdp"
+    return c

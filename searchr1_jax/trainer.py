@@ -1,0 +1,415 @@
+"""The Search-R1 training loop: rollout → rewards → reference/values → advantages → updates.
+
+One `Trainer.step()`:
+  1. the next batch of prompts (`PromptStream`, resumable);
+  2. multi-turn rollouts with the policy (n samples per prompt), retrieval inside;
+  3. rewards on the response text (host), per data_source reward functions;
+  4. old log-probs (policy), reference log-probs (when a KL term is used), values (PPO);
+  5. advantages (`rl.compute_advantages`), then `ppo_epochs` passes over mini-batches of
+     micro-batches for the critic and the policy;
+  6. metrics (+ time breakdown) to the progress bar, metrics.jsonl, TensorBoard;
+  7. a checkpoint every `save_every` steps, at the end, and on SIGTERM.
+
+Determinism: the rollout key of step t is fold_in(seed key, t), mini-batch order is drawn
+from (seed, t), and the data order from (seed, epoch); so a run resumed from a checkpoint
+repeats an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from searchr1_jax import rl, scoring
+from searchr1_jax.checkpoint import Checkpointer
+from searchr1_jax.config import CRITIC_ALGORITHMS, require_path, validate
+from searchr1_jax.metrics_log import MetricsLogger
+from searchr1_jax.prompt_stream import PromptStream
+from searchr1_jax.train_step import (CriticBatch, LossConfig, PolicyBatch, SequenceBatch, compute_logprobs,
+                                     compute_values, critic_update, make_optimizer, policy_update)
+
+log = logging.getLogger("searchr1_jax")
+
+ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "reinforce_pp": "reinforce_pp", "rloo": "rloo",
+                "drgrpo": "drgrpo"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SEQ_BUCKET = 64  # trajectories are trimmed to a multiple of this many slots before scoring
+
+
+def output_dir_of(config: ml_collections.ConfigDict) -> Path:
+    return Path(config.trainer.output_dir or f"runs/{config.name}")
+
+
+def load_examples(files: str, field: str) -> list:
+    from searchr1_jax.data import read_examples
+
+    examples = []
+    for path in files.split(","):
+        examples.extend(read_examples(path.strip()))
+    if not examples:
+        raise ValueError(f"config.{field}: {files!r} holds no rows")
+    return examples
+
+
+def build_retriever(config: ml_collections.ConfigDict):
+    """The in-process index of `retriever.index_dir` or the HTTP client of `retriever.url`."""
+    r = config.retriever
+    if r.url:
+        from searchr1_jax.retrieval.client import HttpRetriever
+
+        return HttpRetriever(r.url, timeout=r.timeout_s)
+    if r.index_dir:
+        from searchr1_jax.retrieval.index import load_retriever
+
+        require_path(config, "retriever.index_dir", kind="directory built by searchr1_jax.retrieval.build_index")
+        return load_retriever(r.index_dir)
+    raise ValueError("set config.retriever.index_dir (a built index) or config.retriever.url (a server)")
+
+
+def trim_to_bucket(arrays: dict[str, np.ndarray], used: int) -> dict[str, np.ndarray]:
+    """Cut [B, S] arrays to the smallest multiple of SEQ_BUCKET ≥ `used` slots."""
+    width = min(next(iter(arrays.values())).shape[1], -(-used // SEQ_BUCKET) * SEQ_BUCKET)
+    return {k: v[:, :width] for k, v in arrays.items()}
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, *, install_signal_handler: bool = True):
+        from transformers import AutoTokenizer
+
+        from searchr1_jax.models import ValueModel, load_hf
+        from searchr1_jax.rewards import make_reward_fn
+
+        self.config = validate(config)
+        c = config
+        self.out_dir = output_dir_of(c)
+        self.is_main = jax.process_index() == 0
+        model_path = require_path(c, "model.path", kind="Hugging Face model directory")
+        tok_path = c.model.tokenizer_path or model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        policy, self.model_config = load_hf(model_path, dtype=DTYPES[c.model.param_dtype],
+                                            compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
+        self.graphdef, policy_params = nnx.split(policy)
+        self.algorithm = c.algorithm.name
+        self.kl_coef = c.algorithm.kl_coef
+        self.use_reference = self.kl_coef > 0 and (c.algorithm.kl_in_reward or c.algorithm.kl_loss)
+        self.kl_controller = rl.make_kl_controller(c.algorithm.kl_controller, c.algorithm.kl_coef,
+                                                   c.algorithm.kl_target, c.algorithm.kl_horizon)
+
+        t = c.trainer
+        updates_per_step = (t.batch_size // t.mini_batch_size) * t.ppo_epochs
+        total_updates = t.total_steps * updates_per_step
+        opt = dict(weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip, b1=c.optim.b1, b2=c.optim.b2)
+        self.actor_tx = make_optimizer(c.optim.actor_lr, int(c.optim.actor_warmup_ratio * total_updates), **opt)
+        self.critic_tx = make_optimizer(c.optim.critic_lr, int(c.optim.critic_warmup_ratio * total_updates), **opt)
+        arrays = {"policy": policy_params, "policy_opt": self.actor_tx.init(policy_params),
+                  "rng": jax.random.key_data(jax.random.key(c.seed))}
+        if self.algorithm in CRITIC_ALGORITHMS:
+            critic_src = policy
+            if c.model.critic_path and c.model.critic_path != model_path:
+                critic_src, _ = load_hf(c.model.critic_path, dtype=DTYPES[c.model.param_dtype],
+                                        compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
+            critic = ValueModel.from_decoder(critic_src, rngs=nnx.Rngs(c.seed + 1), remat=c.model.remat)
+            self.critic_graphdef, critic_params = nnx.split(critic)
+            arrays["critic"] = critic_params
+            arrays["critic_opt"] = self.critic_tx.init(critic_params)
+        # The reference is the initial policy, frozen; a copy so donation never aliases it.
+        self.reference = jax.tree.map(jnp.copy, policy_params) if self.use_reference else None
+        self.arrays = arrays
+
+        self.loss_cfg = LossConfig(
+            aggregation=c.algorithm.loss_agg_mode, clip_low=c.algorithm.clip_low, clip_high=c.algorithm.clip_high,
+            dual_clip=c.algorithm.dual_clip or None, entropy_coef=c.algorithm.entropy_coef,
+            kl_loss_coef=self.kl_coef if (c.algorithm.kl_loss and self.use_reference) else 0.0,
+            kl_estimator=c.algorithm.kl_estimator, value_clip=c.algorithm.value_clip,
+            temperature=c.rollout.temperature if c.rollout.temperature > 0 else 1.0)
+        self._jit_functions()
+
+        self.reward_fn = make_reward_fn(c.reward)
+        self.retriever = build_retriever(c)
+        require_path(c, "data.train_files", kind="Search-R1 parquet file")
+        self.train_examples = self._tokenizable(load_examples(c.data.train_files, "data.train_files"))
+        self.val_examples = (self._tokenizable(load_examples(c.data.val_files, "data.val_files"))
+                             if c.data.val_files else [])
+        self.stream = PromptStream(self.train_examples, t.batch_size, seed=c.seed, shuffle=c.data.shuffle)
+        self.engine = self._make_engine()
+        self.step_count = 0
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=t.keep_checkpoints)
+        self.logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=t.wandb_project,
+                                    run_name=c.name, config=c.to_dict())
+        self._stop_requested = False
+        if install_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        if t.resume:
+            self.resume()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _tokenizable(self, examples: list) -> list:
+        """Prompt token ids per example; prompts longer than max_prompt_tokens are dropped."""
+        from searchr1_jax.data import render_prompt
+
+        limit = self.config.rollout.max_prompt_tokens
+        kept, dropped = [], 0
+        add_special = self.config.data.template == "base"
+        for ex in examples:
+            text = render_prompt(ex.prompt, self.config.data.template, self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+            if len(ids) > limit:
+                dropped += 1
+                continue
+            kept.append((ex, ids))
+        if dropped:
+            log.warning("dropped %d prompts longer than config.rollout.max_prompt_tokens=%d", dropped, limit)
+        if not kept:
+            raise ValueError(f"every prompt is longer than config.rollout.max_prompt_tokens={limit}")
+        return kept
+
+    def _make_engine(self):
+        from searchr1_jax.rollout import RolloutConfig, RolloutEngine
+
+        r = self.config.rollout
+        cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_obs_tokens=r.max_obs_tokens,
+                            max_prompt_tokens=r.max_prompt_tokens, max_total_tokens=r.max_total_tokens,
+                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            topk=self.config.retriever.topk)
+        return RolloutEngine(self.graphdef, self.tokenizer, self.retriever, cfg)
+
+    def _jit_functions(self):
+        cfg = self.loss_cfg
+        num_micro = (self.config.trainer.mini_batch_size * self.config.rollout.n_samples
+                     // self.config.trainer.micro_batch_size)
+        self._logprobs = jax.jit(lambda p, s: compute_logprobs(self.graphdef, p, s, cfg.temperature, cfg.logit_chunk))
+        self._policy_update = jax.jit(
+            lambda p, o, b: policy_update(self.graphdef, p, o, b, tx=self.actor_tx, cfg=cfg, num_micro=num_micro),
+            donate_argnums=(0, 1))
+        if self.algorithm in CRITIC_ALGORITHMS:
+            self._values = jax.jit(lambda p, s: compute_values(self.critic_graphdef, p, s))
+            self._critic_update = jax.jit(
+                lambda p, o, b: critic_update(self.critic_graphdef, p, o, b, tx=self.critic_tx, cfg=cfg,
+                                              num_micro=num_micro),
+                donate_argnums=(0, 1))
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM received: finishing this step, saving a checkpoint, then exiting")
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def _record(self) -> dict:
+        c = self.config
+        return {"step": self.step_count, "data": self.stream.state(), "kl_coef": float(self.kl_controller.value),
+                "config_name": c.name, "model_path": str(Path(c.model.path).absolute()),
+                "tokenizer_path": str(Path(c.model.tokenizer_path or c.model.path).absolute())}
+
+    def _items(self) -> dict:
+        return {"policy": self.arrays["policy"],
+                "train_state": {k: v for k, v in self.arrays.items() if k != "policy"}}
+
+    def save(self, *, force: bool = False) -> None:
+        self.checkpointer.save(self.step_count, self._items(), self._record(), force=force)
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint, if any. Returns whether one was found."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            log.info("no checkpoint in %s: starting from step 0", self.checkpointer.directory)
+            return False
+        items, record = self.checkpointer.restore(step, self._items())
+        self.arrays = {"policy": items["policy"], **items["train_state"]}
+        self.step_count = int(record["step"])
+        self.stream.restore(record["data"])
+        self.kl_controller.value = float(record["kl_coef"])
+        self.logger.truncate_after(self.step_count)
+        log.info("resumed from step %d (%s)", self.step_count, self.checkpointer.directory)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _step_key(self, step: int):
+        return jax.random.fold_in(jax.random.wrap_key_data(self.arrays["rng"]), step)
+
+    def rollout(self, items: list, key, *, n_samples: int, greedy: bool):
+        """Trajectories of `items` ((example, prompt ids) pairs), n_samples rows per prompt."""
+        prompts = [ids for _, ids in items]
+        return self.engine.generate(self.arrays["policy"], prompts, key, n_samples=n_samples, greedy=greedy)
+
+    def score(self, items: list, traj, n_samples: int) -> tuple[np.ndarray, list[dict]]:
+        """Rewards [B*n] and per-row records for a rollout of `items`."""
+        arrays = {k: np.asarray(getattr(traj, k)) for k in ("tokens", "loss_mask", "attention_mask")}
+        prompt_len, response_end = np.asarray(traj.prompt_len), np.asarray(traj.response_end)
+        texts = scoring.response_texts(arrays["tokens"], arrays["loss_mask"], arrays["attention_mask"],
+                                       prompt_len, response_end, self.tokenizer)
+        examples = [ex for ex, _ in items for _ in range(n_samples)]
+        rows = scoring.score_rows(texts, [ex.golden_answers for ex in examples],
+                                  [ex.data_source for ex in examples], self.reward_fn)
+        for i, row in enumerate(rows):
+            row.update(turns=int(traj.turns[i]), searches=int(traj.searches[i]),
+                       valid_actions=int(traj.valid_actions[i]), question=examples[i].question,
+                       golden_answers=list(examples[i].golden_answers), response=texts[i])
+        return np.array([r["reward"] for r in rows], np.float32), rows
+
+    def step(self) -> tuple[dict, list[dict]]:
+        """One training step; returns (metrics, scored rollout rows)."""
+        c, t = self.config, self.config.trainer
+        n = c.rollout.n_samples
+        step = self.step_count + 1
+        timings = {}
+        t0 = time.perf_counter()
+        items = self.stream.next_batch()
+        traj = self.rollout(items, self._step_key(step), n_samples=n, greedy=False)
+        timings["timing/rollout"] = time.perf_counter() - t0
+        timings["timing/retrieval"] = float(getattr(traj, "retrieval_seconds", 0.0))
+        scores, rows = self.score(items, traj, n)
+
+        t1 = time.perf_counter()
+        arrays = {k: np.asarray(getattr(traj, k)) for k in ("tokens", "attention_mask", "positions", "loss_mask")}
+        arrays = trim_to_bucket(arrays, int(np.max(np.asarray(traj.response_end))))
+        seq = SequenceBatch(jnp.asarray(arrays["tokens"], jnp.int32), jnp.asarray(arrays["attention_mask"], jnp.int32),
+                            jnp.asarray(arrays["positions"], jnp.int32),
+                            jnp.asarray(arrays["loss_mask"], jnp.float32))
+        old_logp = self._logprobs(self.arrays["policy"], seq)
+        ref_logp = self._logprobs(self.reference, seq) if self.use_reference else jnp.zeros_like(old_logp)
+        values = self._values(self.arrays["critic"], seq) if "critic" in self.arrays else None
+        timings["timing/ref_values"] = time.perf_counter() - t1
+
+        token_kl = None
+        kl_in_reward = c.algorithm.kl_in_reward and self.use_reference
+        if kl_in_reward:
+            token_kl = rl.kl_estimate(old_logp, ref_logp, seq.loss_mask, "k1")
+        group_ids = jnp.repeat(jnp.arange(len(items)), n)
+        advantages, returns = rl.compute_advantages(
+            ESTIMATOR_OF[self.algorithm], scores=jnp.asarray(scores), loss_mask=seq.loss_mask,
+            group_ids=group_ids, values=values, token_kl=token_kl,
+            kl_coef=self.kl_controller.value if kl_in_reward else 0.0,
+            gamma=c.algorithm.gamma, lam=c.algorithm.lam)
+
+        t2 = time.perf_counter()
+        metrics = self._update(step, seq, old_logp, ref_logp, advantages, returns, values)
+        timings["timing/update"] = time.perf_counter() - t2
+        if self.use_reference:
+            kl_now = float(rl.masked_mean(rl.kl_estimate(old_logp, ref_logp, seq.loss_mask, "k1"), seq.loss_mask))
+            metrics["actor/reference_kl"] = kl_now
+            self.kl_controller.update(kl_now, len(rows))
+            metrics["actor/kl_coef"] = self.kl_controller.value
+        metrics.update(rl.advantage_return_stats(advantages, returns, seq.loss_mask))
+        metrics.update(self._rollout_metrics(rows, traj))
+        self.step_count = step
+        timings["timing/step"] = time.perf_counter() - t0
+        metrics.update(timings)
+        return {k: float(v) for k, v in metrics.items()}, rows
+
+    def _update(self, step, seq, old_logp, ref_logp, advantages, returns, values) -> dict:
+        c, t = self.config, self.config.trainer
+        rows = seq.tokens.shape[0]
+        mini_rows = t.mini_batch_size * c.rollout.n_samples
+        collected: list[dict] = []
+        rng = np.random.default_rng([c.seed, step])
+        train_critic = "critic" in self.arrays
+        train_actor = step > t.critic_warmup_steps or not train_critic
+        for _ in range(t.ppo_epochs):
+            order = rng.permutation(rows)
+            for lo in range(0, rows, mini_rows):
+                idx = jnp.asarray(order[lo:lo + mini_rows])
+                mb_seq = jax.tree.map(lambda x: x[idx], seq)
+                m = {}
+                if train_critic:
+                    batch = CriticBatch(mb_seq, values[idx], returns[idx])
+                    self.arrays["critic"], self.arrays["critic_opt"], cm = self._critic_update(
+                        self.arrays["critic"], self.arrays["critic_opt"], batch)
+                    m.update(cm)
+                if train_actor:
+                    batch = PolicyBatch(mb_seq, old_logp[idx], ref_logp[idx], advantages[idx])
+                    self.arrays["policy"], self.arrays["policy_opt"], am = self._policy_update(
+                        self.arrays["policy"], self.arrays["policy_opt"], batch)
+                    m.update(am)
+                collected.append(m)
+        return {k: float(np.mean([float(m[k]) for m in collected])) for k in collected[0]} if collected[0] else {}
+
+    @staticmethod
+    def _rollout_metrics(rows: list[dict], traj) -> dict:
+        out = {f"rollout/{k}": float(np.mean([r[k] for r in rows]))
+               for k in ("reward", "em", "searches", "turns", "valid_actions")}
+        lengths = np.asarray(traj.loss_mask).sum(-1)
+        out["rollout/response_tokens"] = float(lengths.mean())
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, examples: list | None = None, *, prefix: str = "eval") -> dict:
+        """Greedy rollouts over `examples` (default: the validation set, capped at eval_size);
+        a per-data_source table written under the output directory. Returns flat metrics."""
+        examples = self.val_examples if examples is None else examples
+        if self.config.trainer.eval_size:
+            examples = examples[:self.config.trainer.eval_size]
+        if not examples:
+            return {}
+        rows = evaluate_items(self, examples)
+        table = scoring.summarize(rows)
+        if self.is_main:
+            scoring.write_results(self.out_dir / "samples", table, rows, prefix=f"{prefix}_step{self.step_count}")
+        return {f"{prefix}/{source}/{k}": v for source, m in table.items() for k, v in m.items() if k != "n"}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        t = self.config.trainer
+        last = {}
+        bar = tqdm(total=t.total_steps, initial=self.step_count, desc="train", disable=not self.is_main,
+                   dynamic_ncols=True)
+        try:
+            while self.step_count < t.total_steps and not self._stop_requested:
+                metrics, rows = self.step()
+                if t.eval_every and (self.step_count % t.eval_every == 0 or self.step_count == t.total_steps):
+                    metrics.update(self.evaluate())
+                self.logger.log(self.step_count, metrics)
+                if self.is_main and t.samples_to_log:
+                    scoring.write_results(self.out_dir / "samples", {}, rows[:t.samples_to_log],
+                                          prefix=f"train_step{self.step_count}")
+                last = metrics
+                bar.update(1)
+                bar.set_postfix({"reward": f"{metrics['rollout/reward']:.3f}",
+                                 "searches": f"{metrics['rollout/searches']:.2f}",
+                                 "step_s": f"{metrics['timing/step']:.1f}"})
+                if (t.save_every and self.step_count % t.save_every == 0) or self.step_count == t.total_steps:
+                    self.save()
+            if self._stop_requested:
+                self.save(force=True)
+        finally:
+            bar.close()
+            self.checkpointer.close()
+            self.logger.close()
+        return last
+
+
+def evaluate_items(trainer: Trainer, items: list, batch_size: int | None = None) -> list[dict]:
+    """Greedy rollouts of `items` in batches; rows padded by repetition, extras discarded."""
+    from tqdm import tqdm
+
+    batch_size = batch_size or min(trainer.config.trainer.batch_size, len(items))
+    rows: list[dict] = []
+    key = jax.random.key(0)  # greedy: the key is unused but required by the engine
+    for lo in tqdm(range(0, len(items), batch_size), desc="eval", disable=not trainer.is_main, leave=False):
+        chunk = items[lo:lo + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        traj = trainer.rollout(padded, key, n_samples=1, greedy=True)
+        _, scored = trainer.score(padded, traj, 1)
+        rows.extend(scored[:len(chunk)])
+    return rows
+
+
+def replace_config(config: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-key updates, e.g. replace_config(c, **{"trainer.resume": True})."""
+    new = ml_collections.ConfigDict(config.to_dict())
+    for dotted, value in updates.items():
+        node = new
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return new
+
+
