@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 500  # per turn
     c.rollout.max_obs_tokens = 500
     c.rollout.max_prompt_tokens = 2048  # Search-R1's "max_start_length"
-    c.rollout.max_total_tokens = 4608  # KV-cache capacity per sequence: 4096 context + a 500-token turn
+    c.rollout.max_context_tokens = 4608  # slots per sequence: 4096 context + a 500-token turn
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
@@ -199,7 +199,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive = {"trainer.total_steps": t.total_steps, "trainer.batch_size": t.batch_size,
                 "trainer.mini_batch_size": t.mini_batch_size, "trainer.micro_batch_size": t.micro_batch_size,
                 "trainer.ppo_epochs": t.ppo_epochs, "rollout.max_new_tokens": r.max_new_tokens,
-                "rollout.n_samples": r.n_samples, "rollout.max_total_tokens": r.max_total_tokens,
+                "rollout.n_samples": r.n_samples, "rollout.max_context_tokens": r.max_context_tokens,
                 "retriever.topk": config.retriever.topk}
     for path, value in positive.items():
         if value <= 0:
@@ -214,8 +214,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if a.name in GROUP_ALGORITHMS and r.n_samples < 2:
         raise ConfigError(f"config.rollout.n_samples must be >= 2 for algorithm {a.name!r} "
                           f"(it compares samples of the same prompt), got {r.n_samples}")
-    if r.max_prompt_tokens + r.max_new_tokens > r.max_total_tokens:
-        raise ConfigError(f"config.rollout.max_total_tokens ({r.max_total_tokens}) must hold at least "
+    if r.max_prompt_tokens + r.max_new_tokens > r.max_context_tokens:
+        raise ConfigError(f"config.rollout.max_context_tokens ({r.max_context_tokens}) must hold at least "
                           f"max_prompt_tokens + max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens})")
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"config.rollout.top_p must be in (0, 1], got {r.top_p}")

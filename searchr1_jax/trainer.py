@@ -30,6 +30,7 @@ from flax import nnx
 from searchr1_jax import rl, scoring
 from searchr1_jax.checkpoint import Checkpointer
 from searchr1_jax.config import CRITIC_ALGORITHMS, require_path, validate
+from searchr1_jax.evaluate import encode_prompts, greedy_rows, score_trajectory
 from searchr1_jax.metrics_log import MetricsLogger
 from searchr1_jax.prompt_stream import PromptStream
 from searchr1_jax.train_step import (CriticBatch, LossConfig, PolicyBatch, SequenceBatch, compute_logprobs,
@@ -134,11 +135,13 @@ class Trainer:
         self.reward_fn = make_reward_fn(c.reward)
         self.retriever = build_retriever(c)
         require_path(c, "data.train_files", kind="Search-R1 parquet file")
-        self.train_examples = self._tokenizable(load_examples(c.data.train_files, "data.train_files"))
-        self.val_examples = (self._tokenizable(load_examples(c.data.val_files, "data.val_files"))
-                             if c.data.val_files else [])
+        encode = lambda files, field: encode_prompts(load_examples(files, field), self.tokenizer,  # noqa: E731
+                                                     c.data.template, c.rollout.max_prompt_tokens)
+        self.train_examples = encode(c.data.train_files, "data.train_files")
+        self.val_examples = encode(c.data.val_files, "data.val_files") if c.data.val_files else []
         self.stream = PromptStream(self.train_examples, t.batch_size, seed=c.seed, shuffle=c.data.shuffle)
-        self.engine = self._make_engine()
+        self.policy_model = policy
+        self._drivers: dict[bool, object] = {}
         self.step_count = 0
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=t.keep_checkpoints)
         self.logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=t.wandb_project,
@@ -150,35 +153,19 @@ class Trainer:
             self.resume()
 
     # ------------------------------------------------------------------ setup helpers
-    def _tokenizable(self, examples: list) -> list:
-        """Prompt token ids per example; prompts longer than max_prompt_tokens are dropped."""
-        from searchr1_jax.data import render_prompt
+    def driver(self, greedy: bool):
+        """The rollout driver for training (sampling, n per prompt) or evaluation (greedy, 1)."""
+        from searchr1_jax.rollout import RolloutConfig, RolloutDriver
 
-        limit = self.config.rollout.max_prompt_tokens
-        kept, dropped = [], 0
-        add_special = self.config.data.template == "base"
-        for ex in examples:
-            text = render_prompt(ex.prompt, self.config.data.template, self.tokenizer)
-            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
-            if len(ids) > limit:
-                dropped += 1
-                continue
-            kept.append((ex, ids))
-        if dropped:
-            log.warning("dropped %d prompts longer than config.rollout.max_prompt_tokens=%d", dropped, limit)
-        if not kept:
-            raise ValueError(f"every prompt is longer than config.rollout.max_prompt_tokens={limit}")
-        return kept
-
-    def _make_engine(self):
-        from searchr1_jax.rollout import RolloutConfig, RolloutEngine
-
-        r = self.config.rollout
-        cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_obs_tokens=r.max_obs_tokens,
-                            max_prompt_tokens=r.max_prompt_tokens, max_total_tokens=r.max_total_tokens,
-                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            topk=self.config.retriever.topk)
-        return RolloutEngine(self.graphdef, self.tokenizer, self.retriever, cfg)
+        if greedy not in self._drivers:
+            r = self.config.rollout
+            cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens,
+                                max_obs_tokens=r.max_obs_tokens, max_prompt_tokens=r.max_prompt_tokens,
+                                max_context_tokens=r.max_context_tokens, temperature=r.temperature or 1.0,
+                                top_p=r.top_p, top_k=r.top_k, greedy=greedy or r.temperature == 0,
+                                n_samples=1 if greedy else r.n_samples, topk=self.config.retriever.topk)
+            self._drivers[greedy] = RolloutDriver(self.policy_model, self.tokenizer, cfg)
+        return self._drivers[greedy]
 
     def _jit_functions(self):
         cfg = self.loss_cfg
@@ -232,24 +219,15 @@ class Trainer:
     def _step_key(self, step: int):
         return jax.random.fold_in(jax.random.wrap_key_data(self.arrays["rng"]), step)
 
-    def rollout(self, items: list, key, *, n_samples: int, greedy: bool):
-        """Trajectories of `items` ((example, prompt ids) pairs), n_samples rows per prompt."""
+    def rollout(self, items: list, key, *, greedy: bool):
+        """Trajectories of `items` ((example, prompt ids) pairs): n_samples rows per prompt
+        when sampling, one when greedy."""
         prompts = [ids for _, ids in items]
-        return self.engine.generate(self.arrays["policy"], prompts, key, n_samples=n_samples, greedy=greedy)
+        return self.driver(greedy).run(prompts, self.retriever, key, params=self.arrays["policy"])
 
     def score(self, items: list, traj, n_samples: int) -> tuple[np.ndarray, list[dict]]:
         """Rewards [B*n] and per-row records for a rollout of `items`."""
-        arrays = {k: np.asarray(getattr(traj, k)) for k in ("tokens", "loss_mask", "attention_mask")}
-        prompt_len, response_end = np.asarray(traj.prompt_len), np.asarray(traj.response_end)
-        texts = scoring.response_texts(arrays["tokens"], arrays["loss_mask"], arrays["attention_mask"],
-                                       prompt_len, response_end, self.tokenizer)
-        examples = [ex for ex, _ in items for _ in range(n_samples)]
-        rows = scoring.score_rows(texts, [ex.golden_answers for ex in examples],
-                                  [ex.data_source for ex in examples], self.reward_fn)
-        for i, row in enumerate(rows):
-            row.update(turns=int(traj.turns[i]), searches=int(traj.searches[i]),
-                       valid_actions=int(traj.valid_actions[i]), question=examples[i].question,
-                       golden_answers=list(examples[i].golden_answers), response=texts[i])
+        rows = score_trajectory(items, traj, self.tokenizer, self.reward_fn, n_samples)
         return np.array([r["reward"] for r in rows], np.float32), rows
 
     def step(self) -> tuple[dict, list[dict]]:
@@ -260,9 +238,9 @@ class Trainer:
         timings = {}
         t0 = time.perf_counter()
         items = self.stream.next_batch()
-        traj = self.rollout(items, self._step_key(step), n_samples=n, greedy=False)
+        traj = self.rollout(items, self._step_key(step), greedy=False)
         timings["timing/rollout"] = time.perf_counter() - t0
-        timings["timing/retrieval"] = float(getattr(traj, "retrieval_seconds", 0.0))
+        timings["timing/retrieval"] = float(traj.stats["retrieval_seconds"])
         scores, rows = self.score(items, traj, n)
 
         t1 = time.perf_counter()
@@ -346,7 +324,9 @@ class Trainer:
             examples = examples[:self.config.trainer.eval_size]
         if not examples:
             return {}
-        rows = evaluate_items(self, examples)
+        rows = greedy_rows(self.driver(greedy=True), self.retriever, self.arrays["policy"], examples,
+                           self.tokenizer, self.reward_fn, min(self.config.trainer.batch_size, len(examples)),
+                           show_progress=self.is_main)
         table = scoring.summarize(rows)
         if self.is_main:
             scoring.write_results(self.out_dir / "samples", table, rows, prefix=f"{prefix}_step{self.step_count}")
@@ -383,22 +363,6 @@ class Trainer:
             self.checkpointer.close()
             self.logger.close()
         return last
-
-
-def evaluate_items(trainer: Trainer, items: list, batch_size: int | None = None) -> list[dict]:
-    """Greedy rollouts of `items` in batches; rows padded by repetition, extras discarded."""
-    from tqdm import tqdm
-
-    batch_size = batch_size or min(trainer.config.trainer.batch_size, len(items))
-    rows: list[dict] = []
-    key = jax.random.key(0)  # greedy: the key is unused but required by the engine
-    for lo in tqdm(range(0, len(items), batch_size), desc="eval", disable=not trainer.is_main, leave=False):
-        chunk = items[lo:lo + batch_size]
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        traj = trainer.rollout(padded, key, n_samples=1, greedy=True)
-        _, scored = trainer.score(padded, traj, 1)
-        rows.extend(scored[:len(chunk)])
-    return rows
 
 
 def replace_config(config: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDict:

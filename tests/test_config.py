@@ -55,7 +55,7 @@ def test_value_outside_choices_is_named():
 @pytest.mark.parametrize("field,value,pattern", [
     ("trainer.mini_batch_size", 100, r"mini_batch_size \(100\) must divide config\.trainer\.batch_size"),
     ("trainer.micro_batch_size", 7, r"micro_batch_size \(7\) must divide"),
-    ("rollout.max_total_tokens", 1000, r"max_total_tokens \(1000\) must hold"),
+    ("rollout.max_context_tokens", 1000, r"max_context_tokens \(1000\) must hold"),
     ("trainer.total_steps", 0, r"config\.trainer\.total_steps: must be > 0"),
 ])
 def test_impossible_combinations(field, value, pattern):
