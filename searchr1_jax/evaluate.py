@@ -126,9 +126,8 @@ def greedy_driver(model, tokenizer, args):
 
 
 def main(argv=None):
-    from transformers import AutoTokenizer
-
     from searchr1_jax.data import read_examples
+    from searchr1_jax.models import load_tokenizer
     from searchr1_jax.rewards import default_reward_config, make_reward_fn
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +147,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     if args.limit:
         examples = examples[:args.limit]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     items = encode_prompts(examples, tokenizer, args.template, args.max_prompt_tokens)
     driver = greedy_driver(model, tokenizer, args)
     rows = greedy_rows(driver, retriever, None, items, tokenizer, make_reward_fn(default_reward_config()),

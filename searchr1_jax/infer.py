@@ -47,9 +47,8 @@ def render_episode(question: str, segments: list[tuple[str, str]]) -> str:
 
 
 def main(argv=None):
-    from transformers import AutoTokenizer
-
     from searchr1_jax.data import base_prompt, chat_messages, render_prompt
+    from searchr1_jax.models import load_tokenizer
     from searchr1_jax.rewards import extract_answer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +61,7 @@ def main(argv=None):
         model, tokenizer_dir = load_policy_any(args.model)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if args.template == "chat":
         text = render_prompt(chat_messages(args.question), "chat", tokenizer)
     else:

@@ -137,9 +137,7 @@ def run_sft(model, tokenizer, rows: Sequence[dict], *, steps: int, lr: float, ba
 
 
 def main(argv=None):
-    from transformers import AutoTokenizer
-
-    from searchr1_jax.models import load_hf, save_hf
+    from searchr1_jax.models import load_hf, load_tokenizer, save_hf
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model directory to start from")
@@ -154,7 +152,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     model, cfg = load_hf(args.model)
     losses = run_sft(model, tokenizer, read_trajectories(args.data), steps=args.steps, lr=args.lr,
                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, template=args.template)

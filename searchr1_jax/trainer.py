@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from searchr1_jax import rl, scoring
+from searchr1_jax import parallel, rl, scoring
 from searchr1_jax.checkpoint import Checkpointer
 from searchr1_jax.config import CRITIC_ALGORITHMS, require_path, validate
 from searchr1_jax.evaluate import encode_prompts, greedy_rows, score_trajectory
@@ -41,7 +41,7 @@ log = logging.getLogger("searchr1_jax")
 ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "reinforce_pp": "reinforce_pp", "rloo": "rloo",
                 "drgrpo": "drgrpo"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SEQ_BUCKET = 64  # trajectories are trimmed to a multiple of this many slots before scoring
+SEQ_BUCKET = 64  # smallest width trajectories are trimmed to before scoring
 
 
 def output_dir_of(config: ml_collections.ConfigDict) -> Path:
@@ -75,16 +75,15 @@ def build_retriever(config: ml_collections.ConfigDict):
 
 
 def trim_to_bucket(arrays: dict[str, np.ndarray], used: int) -> dict[str, np.ndarray]:
-    """Cut [B, S] arrays to the smallest multiple of SEQ_BUCKET ≥ `used` slots."""
-    width = min(next(iter(arrays.values())).shape[1], -(-used // SEQ_BUCKET) * SEQ_BUCKET)
+    """Cut [B, S] arrays to the smallest power-of-two width (≥ SEQ_BUCKET) holding `used`
+    slots: a handful of compiled shapes, at most 2× padding."""
+    width = min(next(iter(arrays.values())).shape[1], max(SEQ_BUCKET, 1 << (max(used, 1) - 1).bit_length()))
     return {k: v[:, :width] for k, v in arrays.items()}
 
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, *, install_signal_handler: bool = True):
-        from transformers import AutoTokenizer
-
-        from searchr1_jax.models import ValueModel, load_hf
+        from searchr1_jax.models import ValueModel, load_hf, load_tokenizer
         from searchr1_jax.rewards import make_reward_fn
 
         self.config = validate(config)
@@ -93,13 +92,18 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         model_path = require_path(c, "model.path", kind="Hugging Face model directory")
         tok_path = c.model.tokenizer_path or model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        self.tokenizer = load_tokenizer(tok_path)
         policy, self.model_config = load_hf(model_path, dtype=DTYPES[c.model.param_dtype],
                                             compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
-        self.graphdef, policy_params = nnx.split(policy)
         self.algorithm = c.algorithm.name
         self.kl_coef = c.algorithm.kl_coef
         self.use_reference = self.kl_coef > 0 and (c.algorithm.kl_in_reward or c.algorithm.kl_loss)
+        mesh_cfg = parallel.mesh_config_from(c.mesh)
+        self.mesh = parallel.make_mesh(mesh_cfg)
+        self.rules = mesh_cfg.resolved_rules
+        parallel.report_memory(self._memory_estimate(mesh_cfg.preset), mesh_cfg.device_memory_gb)
+        parallel.shard_module(policy, self.mesh, self.rules)
+        self.graphdef, policy_params = nnx.split(policy)
         self.kl_controller = rl.make_kl_controller(c.algorithm.kl_controller, c.algorithm.kl_coef,
                                                    c.algorithm.kl_target, c.algorithm.kl_horizon)
 
@@ -117,6 +121,7 @@ class Trainer:
                 critic_src, _ = load_hf(c.model.critic_path, dtype=DTYPES[c.model.param_dtype],
                                         compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
             critic = ValueModel.from_decoder(critic_src, rngs=nnx.Rngs(c.seed + 1), remat=c.model.remat)
+            parallel.shard_module(critic, self.mesh, self.rules)
             self.critic_graphdef, critic_params = nnx.split(critic)
             arrays["critic"] = critic_params
             arrays["critic_opt"] = self.critic_tx.init(critic_params)
@@ -153,6 +158,23 @@ class Trainer:
             self.resume()
 
     # ------------------------------------------------------------------ setup helpers
+    def _memory_estimate(self, preset: str):
+        c, r, t = self.config, self.config.rollout, self.config.trainer
+        workload = parallel.Workload(
+            rollout_batch=t.batch_size * r.n_samples, cache_length=r.max_context_tokens,
+            prefill_rows=t.batch_size * r.n_samples, prefill_chunk=r.max_prompt_tokens,
+            train_micro_batch=t.micro_batch_size, train_length=r.max_context_tokens, remat=c.model.remat)
+        compute = DTYPES[c.model.compute_dtype]
+        precision = parallel.Precision(param_dtype=DTYPES[c.model.param_dtype], compute_dtype=compute,
+                                       cache_dtype=compute)
+        return parallel.estimate_memory(self.model_config, self.mesh, self.rules, workload, precision,
+                                        critic=self.algorithm in CRITIC_ALGORITHMS,
+                                        reference=self.use_reference, preset=preset)
+
+    def _sharded(self, tree):
+        """Host or device [B, ...] arrays → device arrays with rows over the batch axes."""
+        return parallel.shard_batch(tree, self.mesh, self.rules)
+
     def driver(self, greedy: bool):
         """The rollout driver for training (sampling, n per prompt) or evaluation (greedy, 1)."""
         from searchr1_jax.rollout import RolloutConfig, RolloutDriver
@@ -164,7 +186,7 @@ class Trainer:
                                 max_context_tokens=r.max_context_tokens, temperature=r.temperature or 1.0,
                                 top_p=r.top_p, top_k=r.top_k, greedy=greedy or r.temperature == 0,
                                 n_samples=1 if greedy else r.n_samples, topk=self.config.retriever.topk)
-            self._drivers[greedy] = RolloutDriver(self.policy_model, self.tokenizer, cfg)
+            self._drivers[greedy] = RolloutDriver(self.policy_model, self.tokenizer, cfg, mesh=self.mesh)
         return self._drivers[greedy]
 
     def _jit_functions(self):
@@ -246,9 +268,8 @@ class Trainer:
         t1 = time.perf_counter()
         arrays = {k: np.asarray(getattr(traj, k)) for k in ("tokens", "attention_mask", "positions", "loss_mask")}
         arrays = trim_to_bucket(arrays, int(np.max(np.asarray(traj.response_end))))
-        seq = SequenceBatch(jnp.asarray(arrays["tokens"], jnp.int32), jnp.asarray(arrays["attention_mask"], jnp.int32),
-                            jnp.asarray(arrays["positions"], jnp.int32),
-                            jnp.asarray(arrays["loss_mask"], jnp.float32))
+        seq = self._sharded(SequenceBatch(arrays["tokens"].astype(np.int32), arrays["attention_mask"].astype(np.int32),
+                                          arrays["positions"].astype(np.int32), arrays["loss_mask"].astype(np.float32)))
         old_logp = self._logprobs(self.arrays["policy"], seq)
         ref_logp = self._logprobs(self.reference, seq) if self.use_reference else jnp.zeros_like(old_logp)
         values = self._values(self.arrays["critic"], seq) if "critic" in self.arrays else None
@@ -288,19 +309,21 @@ class Trainer:
         rng = np.random.default_rng([c.seed, step])
         train_critic = "critic" in self.arrays
         train_actor = step > t.critic_warmup_steps or not train_critic
+        host = jax.device_get({"seq": seq, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages,
+                               "returns": returns, "values": values})
         for _ in range(t.ppo_epochs):
             order = rng.permutation(rows)
             for lo in range(0, rows, mini_rows):
-                idx = jnp.asarray(order[lo:lo + mini_rows])
-                mb_seq = jax.tree.map(lambda x: x[idx], seq)
+                idx = order[lo:lo + mini_rows]
+                mb = self._sharded(jax.tree.map(lambda x: x[idx], {k: v for k, v in host.items() if v is not None}))
                 m = {}
                 if train_critic:
-                    batch = CriticBatch(mb_seq, values[idx], returns[idx])
+                    batch = CriticBatch(mb["seq"], mb["values"], mb["returns"])
                     self.arrays["critic"], self.arrays["critic_opt"], cm = self._critic_update(
                         self.arrays["critic"], self.arrays["critic_opt"], batch)
                     m.update(cm)
                 if train_actor:
-                    batch = PolicyBatch(mb_seq, old_logp[idx], ref_logp[idx], advantages[idx])
+                    batch = PolicyBatch(mb["seq"], mb["old_logp"], mb["ref_logp"], mb["advantages"])
                     self.arrays["policy"], self.arrays["policy_opt"], am = self._policy_update(
                         self.arrays["policy"], self.arrays["policy_opt"], batch)
                     m.update(am)

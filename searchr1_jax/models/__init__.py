@@ -3,6 +3,7 @@ from searchr1_jax.models.config import ModelConfig, RopeConfig, config_from_hf_d
 from searchr1_jax.models.decoder import Decoder, ValueModel, positions_from_mask
 from searchr1_jax.models.hf_io import load_hf, save_hf
 from searchr1_jax.models.kv_cache import KVCache
+from searchr1_jax.models.tokenizer import load_tokenizer
 
 __all__ = ["ModelConfig", "RopeConfig", "config_from_hf_dict", "load_config", "Decoder",
-           "ValueModel", "positions_from_mask", "load_hf", "save_hf", "KVCache"]
+           "ValueModel", "positions_from_mask", "load_hf", "save_hf", "KVCache", "load_tokenizer"]
