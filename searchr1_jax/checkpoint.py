@@ -71,7 +71,7 @@ class Checkpointer:
 
 
 def _abstract(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    sharding = getattr(x, "sharding", None)
+    """A restore target; without a sharding of its own, the leaf lands whole on the first
+    local device (e.g. exporting on one device what eight devices saved)."""
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

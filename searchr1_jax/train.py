@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from searchr1_jax.config import ConfigError, validate
@@ -19,7 +20,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Our progress at INFO; libraries (Orbax writes a dozen lines per save) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("searchr1_jax").setLevel(logging.INFO)
     from searchr1_jax.parallel import distributed
 
     distributed.initialize()

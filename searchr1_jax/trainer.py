@@ -29,7 +29,7 @@ from flax import nnx
 
 from searchr1_jax import parallel, rl, scoring
 from searchr1_jax.checkpoint import Checkpointer
-from searchr1_jax.config import CRITIC_ALGORITHMS, require_path, validate
+from searchr1_jax.config import CRITIC_ALGORITHMS, ConfigError, require_path, validate
 from searchr1_jax.evaluate import encode_prompts, greedy_rows, score_trajectory
 from searchr1_jax.metrics_log import MetricsLogger
 from searchr1_jax.prompt_stream import PromptStream
@@ -101,6 +101,11 @@ class Trainer:
         mesh_cfg = parallel.mesh_config_from(c.mesh)
         self.mesh = parallel.make_mesh(mesh_cfg)
         self.rules = mesh_cfg.resolved_rules
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        mini_rows = c.trainer.mini_batch_size * c.rollout.n_samples
+        if mini_rows % shards:
+            raise ConfigError(f"config.trainer.mini_batch_size × config.rollout.n_samples = {mini_rows} sequences "
+                              f"must be a multiple of the mesh's data × fsdp = {shards} batch shards")
         parallel.report_memory(self._memory_estimate(mesh_cfg.preset), mesh_cfg.device_memory_gb)
         parallel.shard_module(policy, self.mesh, self.rules)
         self.graphdef, policy_params = nnx.split(policy)
@@ -113,8 +118,10 @@ class Trainer:
         opt = dict(weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip, b1=c.optim.b1, b2=c.optim.b2)
         self.actor_tx = make_optimizer(c.optim.actor_lr, int(c.optim.actor_warmup_ratio * total_updates), **opt)
         self.critic_tx = make_optimizer(c.optim.critic_lr, int(c.optim.critic_warmup_ratio * total_updates), **opt)
-        arrays = {"policy": policy_params, "policy_opt": self.actor_tx.init(policy_params),
-                  "rng": jax.random.key_data(jax.random.key(c.seed))}
+        arrays = {"policy": policy_params, "policy_opt": self._init_optimizer(self.actor_tx, policy_params),
+                  # Replicated over the mesh, so a restored key sits with the sharded params.
+                  "rng": jax.device_put(jax.random.key_data(jax.random.key(c.seed)),
+                                        jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))}
         if self.algorithm in CRITIC_ALGORITHMS:
             critic_src = policy
             if c.model.critic_path and c.model.critic_path != model_path:
@@ -124,7 +131,7 @@ class Trainer:
             parallel.shard_module(critic, self.mesh, self.rules)
             self.critic_graphdef, critic_params = nnx.split(critic)
             arrays["critic"] = critic_params
-            arrays["critic_opt"] = self.critic_tx.init(critic_params)
+            arrays["critic_opt"] = self._init_optimizer(self.critic_tx, critic_params)
         # The reference is the initial policy, frozen; a copy so donation never aliases it.
         self.reference = jax.tree.map(jnp.copy, policy_params) if self.use_reference else None
         self.arrays = arrays
@@ -170,6 +177,12 @@ class Trainer:
         return parallel.estimate_memory(self.model_config, self.mesh, self.rules, workload, precision,
                                         critic=self.algorithm in CRITIC_ALGORITHMS,
                                         reference=self.use_reference, preset=preset)
+
+    def _init_optimizer(self, tx, params):
+        """Optimizer state placed like its parameters (moments) or replicated (counters)."""
+        state = tx.init(params)
+        shardings = parallel.optimizer_shardings(state, jax.tree.map(lambda x: x.sharding, params))
+        return jax.device_put(state, shardings)
 
     def _sharded(self, tree):
         """Host or device [B, ...] arrays → device arrays with rows over the batch axes."""
@@ -347,9 +360,10 @@ class Trainer:
             examples = examples[:self.config.trainer.eval_size]
         if not examples:
             return {}
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        batch = min(self.config.trainer.batch_size * self.config.rollout.n_samples, len(examples))
         rows = greedy_rows(self.driver(greedy=True), self.retriever, self.arrays["policy"], examples,
-                           self.tokenizer, self.reward_fn, min(self.config.trainer.batch_size, len(examples)),
-                           show_progress=self.is_main)
+                           self.tokenizer, self.reward_fn, -(-batch // shards) * shards, show_progress=self.is_main)
         table = scoring.summarize(rows)
         if self.is_main:
             scoring.write_results(self.out_dir / "samples", table, rows, prefix=f"{prefix}_step{self.step_count}")
@@ -379,7 +393,7 @@ class Trainer:
                                  "step_s": f"{metrics['timing/step']:.1f}"})
                 if (t.save_every and self.step_count % t.save_every == 0) or self.step_count == t.total_steps:
                     self.save()
-            if self._stop_requested:
+            if self._stop_requested and self.checkpointer.latest_step() != self.step_count:
                 self.save(force=True)
         finally:
             bar.close()
