@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.enabled = False
     c.demo.size = "full"  # "full" (the README's demo) or "small" (the test variant)
     c.demo.cache_dir = ".cache/demo"
+    c.demo.instruction = "search_r1"  # Search-R1's prompt word for word, or "short"
     c.demo.sft_steps = 300
     c.demo.sft_lr = 3e-3
     c.demo.sft_batch_size = 32

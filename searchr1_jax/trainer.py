@@ -101,11 +101,10 @@ class Trainer:
         mesh_cfg = parallel.mesh_config_from(c.mesh)
         self.mesh = parallel.make_mesh(mesh_cfg)
         self.rules = mesh_cfg.resolved_rules
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         mini_rows = c.trainer.mini_batch_size * c.rollout.n_samples
-        if mini_rows % shards:
+        if mini_rows % self.batch_shards:
             raise ConfigError(f"config.trainer.mini_batch_size × config.rollout.n_samples = {mini_rows} sequences "
-                              f"must be a multiple of the mesh's data × fsdp = {shards} batch shards")
+                              f"must be a multiple of the mesh's data × fsdp = {self.batch_shards} batch shards")
         parallel.report_memory(self._memory_estimate(mesh_cfg.preset), mesh_cfg.device_memory_gb)
         parallel.shard_module(policy, self.mesh, self.rules)
         self.graphdef, policy_params = nnx.split(policy)
@@ -165,6 +164,15 @@ class Trainer:
             self.resume()
 
     # ------------------------------------------------------------------ setup helpers
+    @property
+    def batch_shards(self) -> int:
+        """Rows of every batch must be a multiple of this (the mesh's data × fsdp)."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def current_policy(self):
+        """The policy Decoder with the current (trained) weights."""
+        return nnx.merge(self.graphdef, self.arrays["policy"])
+
     def _memory_estimate(self, preset: str):
         c, r, t = self.config, self.config.rollout, self.config.trainer
         workload = parallel.Workload(
@@ -360,10 +368,10 @@ class Trainer:
             examples = examples[:self.config.trainer.eval_size]
         if not examples:
             return {}
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = min(self.config.trainer.batch_size * self.config.rollout.n_samples, len(examples))
         rows = greedy_rows(self.driver(greedy=True), self.retriever, self.arrays["policy"], examples,
-                           self.tokenizer, self.reward_fn, -(-batch // shards) * shards, show_progress=self.is_main)
+                           self.tokenizer, self.reward_fn, -(-batch // self.batch_shards) * self.batch_shards,
+                           show_progress=self.is_main)
         table = scoring.summarize(rows)
         if self.is_main:
             scoring.write_results(self.out_dir / "samples", table, rows, prefix=f"{prefix}_step{self.step_count}")

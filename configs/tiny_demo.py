@@ -1,0 +1,52 @@
+"""The embedded default: a synthetic search world where RL visibly learns on a CPU.
+
+  python -m searchr1_jax.train --config=configs/tiny_demo.py
+
+Builds the world (cached under .cache/demo), warm-starts a tiny Qwen2 model on noisy
+trajectories, trains it with GRPO against the project's BM25 retriever, and writes
+runs/tiny_demo/{learning_curve.png, summary.json, metrics.jsonl, export/}.
+PPO variant: --config.algorithm.name=ppo --config.algorithm.kl_in_reward=True
+--config.algorithm.kl_loss=False --config.rollout.n_samples=1
+"""
+from searchr1_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "tiny_demo"
+    c.seed = 0
+    c.demo.enabled = True
+    c.demo.size = "full"
+    c.demo.sft_steps = 300
+    c.demo.sft_lr = 3e-3
+    c.demo.sft_batch_size = 32
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.remat = False
+    c.rollout.max_turns = 3
+    c.rollout.max_new_tokens = 40
+    c.rollout.max_obs_tokens = 128
+    c.rollout.max_prompt_tokens = 160
+    c.rollout.max_context_tokens = 768
+    c.rollout.n_samples = 5
+    c.rollout.temperature = 1.0
+    c.retriever.topk = 3
+    c.algorithm.name = "grpo"
+    c.algorithm.kl_in_reward = False
+    c.algorithm.kl_loss = True
+    c.algorithm.kl_coef = 0.001
+    c.algorithm.loss_agg_mode = "token_mean"
+    c.optim.actor_lr = 3e-4
+    c.optim.actor_warmup_ratio = 0.05
+    c.optim.critic_lr = 1e-3
+    c.optim.critic_warmup_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.trainer.total_steps = 40
+    c.trainer.batch_size = 16
+    c.trainer.mini_batch_size = 8
+    c.trainer.micro_batch_size = 40
+    c.trainer.eval_every = 10
+    c.trainer.save_every = 10
+    c.trainer.samples_to_log = 4
+    c.mesh.fsdp = -1
+    return c

@@ -1,0 +1,225 @@
+"""The multi-turn loop: generate, pause, search, append the observation, generate again.
+
+Per rollout (R = prompts × n_samples rows):
+  1. prefill every prompt once (a GRPO group shares it), then for turn = 0 … max_turns:
+  2. decode one turn for every unfinished row inside one jitted loop;
+  3. on the host, read each row's action from the turn's text: an answer finishes the row;
+     a search collects its query; anything else is an invalid action;
+  4. call the retriever once with all of the turn's queries, format the passages, tokenize
+     and truncate each observation to max_obs_tokens; invalid actions get the corrective
+     message instead;
+  5. append every observation at its row's own cache position (nothing is recomputed).
+Turn max_turns is the final one: the search tag no longer stops generation, and the row
+ends whatever it did ("max_turns" unless it answered).
+
+Context budget: a row holds at most RolloutConfig.context_tokens tokens. A turn generates
+at most that many minus what the row holds; a row that fills its budget while generating,
+or whose next observation would leave no room for a reply to it, finishes with
+finish_reason "context_budget" (the observation is not appended).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from searchr1_jax.models.decoder import Decoder
+from searchr1_jax.retrieval.types import Retriever
+from searchr1_jax.rollout.actions import ANSWER, SEARCH, read_action
+from searchr1_jax.rollout.config import RolloutConfig
+from searchr1_jax.rollout.engine import RolloutEngine, chunk_width
+from searchr1_jax.rollout.observations import corrective_text, observation_ids, passages_text
+from searchr1_jax.rollout.sampling import SamplingParams
+from searchr1_jax.rollout.stops import STOP_LENGTH, build_stop_table, check_token_texts, token_texts
+from searchr1_jax.rollout.trajectory import Trajectory, trajectory_arrays
+
+log = logging.getLogger(__name__)
+
+
+class RolloutDriver:
+    """Runs Search-R1 rollouts of `model` with `tokenizer` (a transformers tokenizer).
+
+    EOS ids are the model config's plus the tokenizer's. With a `mesh`, rows are sharded
+    over its "data"/"fsdp" axes (R must divide evenly); the weights stay where the caller
+    put them.
+    """
+
+    def __init__(self, model: Decoder, tokenizer, config: RolloutConfig, *, mesh: Mesh | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        texts = token_texts(tokenizer, model.config.vocab_size)
+        check_token_texts(tokenizer, texts)
+        eos_ids = set(model.config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, *sorted(eos_ids), 0) if i is not None)
+        self.budget = config.context_tokens
+        # Prompts and observations are padded to these fixed widths, so each of prefill and
+        # append compiles once (the engine skips the pieces that are padding in every row).
+        self.prompt_width = chunk_width(config.max_prompt_tokens)
+        self.obs_width = chunk_width(config.max_obs_tokens)
+        self.engine = RolloutEngine(
+            model,
+            capacity=max(self.budget + self.obs_width, self.prompt_width),
+            budget=self.budget,
+            max_new_tokens=config.max_new_tokens,
+            sampling=SamplingParams(greedy=config.greedy, temperature=config.temperature,
+                                    top_k=config.top_k, top_p=config.top_p),
+            stop_table=build_stop_table(texts, config.search_stop, config.answer_stop),
+            eos_ids=sorted(eos_ids),
+            mesh=mesh)
+        self.tags = dict(search_open=config.search_open, search_stop=config.search_stop,
+                         answer_open=config.answer_open, answer_stop=config.answer_stop)
+        self.corrective = corrective_text(**self.tags)
+
+    def run(self, prompts: Sequence[Sequence[int]], retriever: Retriever, key: jax.Array,
+            params: nnx.State | None = None) -> Trajectory:
+        """Roll out every prompt (token ids, no padding) n_samples times.
+
+        params: the policy weights to use (default: the model's current ones).
+        """
+        cfg, engine = self.config, self.engine
+        if not isinstance(retriever, Retriever):
+            raise TypeError(f"retriever {type(retriever).__name__} has no search(queries, topk) method")
+        params = nnx.state(self.model) if params is None else params
+        prompt_tokens, prompt_mask = self._pad_prompts(prompts)
+        rows = len(prompts) * cfg.n_samples
+        if rows % engine.batch_shards:
+            raise ValueError(f"{len(prompts)} prompts x n_samples {cfg.n_samples} = {rows} rows do "
+                             f"not divide over the mesh's {engine.batch_shards} batch shards")
+        timings = dict(prefill_seconds=0.0, decode_seconds=0.0, retrieval_seconds=0.0,
+                       append_seconds=0.0)
+        clock = time.perf_counter()
+        state = engine.prefill(params, prompt_tokens, prompt_mask, cfg.n_samples)
+        prompt_len = np.repeat(prompt_mask.sum(axis=1), cfg.n_samples).astype(np.int32)
+        length = prompt_len.copy()  # host mirror of cache.length
+        timings["prefill_seconds"] += time.perf_counter() - clock
+
+        done = np.zeros(rows, bool)
+        finish = np.full(rows, "", dtype=object)
+        turns, searches, valid_actions = (np.zeros(rows, np.int32) for _ in range(3))
+        truncated = 0
+        for turn in range(cfg.max_turns + 1):
+            final = turn == cfg.max_turns
+            full = ~done & (length >= self.budget)
+            done[full], finish[full] = True, "context_budget"
+            active = ~done
+            if not active.any():
+                break
+            clock = time.perf_counter()
+            state, result = engine.decode(params, state, active, jax.random.fold_in(key, turn),
+                                          search_enabled=not final, lengths=length)
+            outcome, count, turn_tokens = jax.device_get((result.outcome, result.count,
+                                                          result.turn_tokens))
+            timings["decode_seconds"] += time.perf_counter() - clock
+            length += count
+            turns += active
+            active_rows = np.flatnonzero(active)
+            texts = self.tokenizer.batch_decode(
+                [turn_tokens[b, :count[b]].tolist() for b in active_rows],
+                skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            observations: dict[int, str] = {}
+            queries: list[tuple[int, str]] = []
+            for b, text in zip(active_rows, texts):
+                action = read_action(int(outcome[b]), text, **self.tags)
+                if action.kind == ANSWER:
+                    valid_actions[b] += 1
+                    done[b], finish[b] = True, "answer"
+                elif final:  # the search tag does not stop the final turn
+                    done[b], finish[b] = True, "max_turns"
+                elif action.kind == SEARCH:
+                    valid_actions[b] += 1
+                    queries.append((b, action.query))
+                elif outcome[b] == STOP_LENGTH and length[b] >= self.budget:
+                    done[b], finish[b] = True, "context_budget"
+                else:
+                    observations[b] = self.corrective
+            if final:
+                break
+            if queries:
+                clock = time.perf_counter()
+                for (b, _), passages in zip(queries, self._search(retriever, queries, turn)):
+                    observations[b] = passages_text(passages)
+                    searches[b] += 1
+                timings["retrieval_seconds"] += time.perf_counter() - clock
+            if observations:
+                clock = time.perf_counter()
+                state, num_truncated = self._append_observations(params, state, observations,
+                                                                 length, done, finish)
+                truncated += num_truncated
+                timings["append_seconds"] += time.perf_counter() - clock
+        if truncated:
+            log.info("rollout: %d of the observations were truncated to %d tokens", truncated,
+                     cfg.max_obs_tokens)
+        return self._trajectory(state, prompt_len, length, turns, searches, valid_actions,
+                                finish, dict(timings, obs_truncated=float(truncated)))
+
+    # -- steps --------------------------------------------------------------------------------
+    def _pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded prompt ids and mask [B, prompt_width]."""
+        if not prompts:
+            raise ValueError("no prompts to roll out")
+        vocab = self.model.config.vocab_size
+        for i, ids in enumerate(prompts):
+            if not 1 <= len(ids) <= self.config.max_prompt_tokens:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; rollout config allows 1 to "
+                                 f"max_prompt_tokens = {self.config.max_prompt_tokens}")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+        tokens = np.full((len(prompts), self.prompt_width), self.pad_id, np.int32)
+        mask = np.zeros((len(prompts), self.prompt_width), np.int32)
+        for i, ids in enumerate(prompts):
+            tokens[i, :len(ids)] = ids
+            mask[i, :len(ids)] = 1
+        return tokens, mask
+
+    def _search(self, retriever: Retriever, queries: list[tuple[int, str]], turn: int):
+        texts = [q for _, q in queries]
+        try:
+            results = retriever.search(texts, self.config.topk)
+        except Exception as e:
+            raise RuntimeError(f"retriever {type(retriever).__name__} failed on turn {turn} "
+                               f"({len(texts)} queries, first {texts[0]!r}): {e}") from e
+        if len(results) != len(texts):
+            raise RuntimeError(f"retriever {type(retriever).__name__} returned {len(results)} "
+                               f"result lists for {len(texts)} queries on turn {turn}")
+        return results
+
+    def _append_observations(self, params, state, observations: dict[int, str], length, done,
+                             finish):
+        """Tokenize, truncate and append the observations; rows whose observation would
+        leave no room for a reply finish instead. Updates length/done/finish in place."""
+        order = sorted(observations)
+        ids, num_truncated = observation_ids(self.tokenizer, [observations[b] for b in order],
+                                             self.config.max_obs_tokens)
+        fits = {b: obs for b, obs in zip(order, ids) if length[b] + len(obs) < self.budget}
+        for b in set(order) - set(fits):
+            done[b], finish[b] = True, "context_budget"
+        if not fits:
+            return state, num_truncated
+        tokens = np.full((len(length), self.obs_width), self.pad_id, np.int32)
+        mask = np.zeros((len(length), self.obs_width), np.int32)
+        for b, obs in fits.items():
+            tokens[b, :len(obs)] = obs
+            mask[b, :len(obs)] = 1
+        state = self.engine.append(params, state, tokens, mask, lengths=length)
+        length += mask.sum(axis=1)
+        return state, num_truncated
+
+    def _trajectory(self, state, prompt_len, length, turns, searches, valid_actions, finish,
+                    stats) -> Trajectory:
+        arrays = trajectory_arrays(state.cache.valid, state.cache.length, state.tokens,
+                                   state.logprobs, state.policy, self.engine.put_rows(prompt_len),
+                                   width=self.budget, pad_id=self.pad_id)
+        tokens, response_end = jax.device_get((arrays["tokens"], arrays["response_end"]))
+        if not np.array_equal(response_end, length):  # the host's bookkeeping must agree
+            raise AssertionError(f"rollout lengths diverged: device {response_end}, host {length}")
+        responses = self.tokenizer.batch_decode(
+            [tokens[b, prompt_len[b]:response_end[b]].tolist() for b in range(len(length))],
+            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return Trajectory(**arrays, turns=turns, searches=searches, valid_actions=valid_actions,
+                          finish_reason=finish.astype(str), responses=list(responses), stats=stats)

@@ -1,0 +1,56 @@
+"""Next-token choice from logits: greedy, or temperature sampling with top-k / top-p filters.
+
+The logprob returned with each token is `log_softmax(logits / temperature)[token]` over the
+full, unfiltered vocabulary (temperature 1 for greedy). That is exactly what a teacher-forced
+pass over the finished sequence computes, so PPO's old-policy logprobs can be taken from the
+rollout without a second forward pass. (The filters only decide which tokens may be drawn.)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """greedy ignores the rest; top_k = 0 and top_p = 1.0 disable those filters."""
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def filter_logits(scaled: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """scaled [R, V] float32 with the tokens outside top-k / the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens (after top-k) whose probability
+    reaches top_p; tokens tied with its least likely member are kept too.
+    """
+    neg_inf = jnp.array(-jnp.inf, scaled.dtype)
+    if top_k > 0 and top_k < scaled.shape[-1]:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, neg_inf, scaled)
+    if top_p < 1.0:
+        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = mass_before < top_p  # the most likely token is always kept
+        threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < threshold, neg_inf, scaled)
+    return scaled
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
+    """logits [R, V] float32 → (tokens [R] int32, logprobs [R] float32)."""
+    if params.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / params.temperature
+        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        allowed = filter_logits(scaled, params.top_k, params.top_p)
+        tokens = jax.random.categorical(key, allowed, axis=-1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,340 @@
+"""The multi-turn rollout engine end to end, on tiny random decoders and a scripted retriever.
+
+Two policies:
+  * `policy`: a random Qwen2 decoder whose weights are nudged so that tags are likely: a few
+    tag tokens have strong embeddings and a strong successor in the LM head ("<search>" →
+    " capital" → " </" "search" ">", "<answer>" → " Paris" " " "</answer>"), and the opening
+    tags get large random LM-head columns, so the random context decides when a chain starts.
+    Everything else is random, so the greedy trajectories mix searches, answers and invalid
+    actions, and attention over the whole context matters.
+  * `scripted`: a decoder whose layers are zero, so the next token depends only on the current
+    one (a successor table in the LM head): its trajectories are known in advance, token by
+    token, which makes a hand-checked trajectory possible.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from searchr1_jax.models import Decoder
+from searchr1_jax.models.config import config_from_hf_dict
+from searchr1_jax.retrieval.observation import format_passages, wrap_information
+from searchr1_jax.retrieval.types import Passage
+from searchr1_jax.rollout import RolloutConfig, RolloutDriver
+from test_rollout_units import CORRECTIVE, make_tokenizer
+
+VOCAB = 528  # model vocabulary, larger than the tokenizer's 521 like Qwen's
+PROMPTS = ["Question 0: where is Paris?", "Question 1: where is the capital?", "What is Rome?",
+           "Question 3: a city", "France", "Italy, the river?", "Question 6: Berlin", "search me"]
+
+
+class ScriptedRetriever:
+    """Two passages per query, derived from its text; records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def search(self, queries, topk):
+        self.calls.append(list(queries))
+        return [[Passage(id=f"{q}-{i}", title=f"{q} {i}", text=f"The {q} is number {i}.")
+                 for i in range(topk)] for q in queries]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def _config(tokenizer, hidden, intermediate, layers, heads, kv_heads):
+    hf = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                  num_hidden_layers=layers, num_attention_heads=heads,
+                                  num_key_value_heads=kv_heads, eos_token_id=tokenizer.eos_token_id)
+    return config_from_hf_dict(hf.to_dict())
+
+
+def _decoder(cfg, kernel_std, seed=0):
+    """A Decoder with N(0, kernel_std) matrices, zero biases and unit norm scales (built from
+    numpy without running the initializers, which are slow to run op by op on CPU)."""
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(seed)
+
+    def value(path, x):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.ones(x.shape, x.dtype)
+        if "bias" in name or kernel_std == 0:
+            return jnp.zeros(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0, kernel_std, x.shape), x.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(value, nnx.state(model, nnx.Param)))
+    return model
+
+
+def _set_chains(model, tokenizer, chains, scale):
+    """One embedding dimension per chain token; the LM head maps it to its successor."""
+    emb = np.array(model.model.embed_tokens[...])
+    head = np.array(model.lm_head.kernel[...])
+    dim = 0
+    for chain in chains:
+        ids = tokenizer.convert_tokens_to_ids(chain)
+        assert None not in ids, chain
+        for token, successor in zip(ids, ids[1:]):
+            emb[token] = 0.0
+            emb[token, dim] = 8.0
+            head[dim] = 0.0
+            head[dim, successor] = scale
+            dim += 1
+    model.model.embed_tokens[...] = jnp.asarray(emb)
+    model.lm_head.kernel[...] = jnp.asarray(head)
+    return dim
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    cfg = _config(tokenizer, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
+    model = _decoder(cfg, kernel_std=0.15, seed=0)
+    rng = np.random.RandomState(0)
+    used = _set_chains(model, tokenizer, [["<search>", "Ġcapital", "Ġ</", "search", ">"],
+                                          ["<answer>", "ĠParis", "Ġ", "</answer>"]], scale=4.0)
+    head = np.array(model.lm_head.kernel[...])
+    for tag in ("<search>", "<answer>"):
+        head[used:, tokenizer.convert_tokens_to_ids(tag)] = rng.normal(0, 1.0, 64 - used)
+    model.lm_head.kernel[...] = jnp.asarray(head)
+    return model
+
+
+GREEDY = RolloutConfig(max_turns=3, max_new_tokens=16, max_obs_tokens=96, max_prompt_tokens=32,
+                       greedy=True, topk=2)
+
+
+def _prompt_ids(tokenizer, texts=PROMPTS):
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def greedy_run(policy, tokenizer):
+    retriever = ScriptedRetriever()
+    driver = RolloutDriver(policy, tokenizer, GREEDY)
+    trajectory = driver.run(_prompt_ids(tokenizer), retriever, jax.random.key(0))
+    return trajectory, retriever
+
+
+def _reference_rollout(model, tokenizer, prompts, config, width=256):
+    """Greedy multi-turn generation that recomputes every row's whole context for every token
+    (rows step together only to batch the forward passes). Returns per row (tokens, policy
+    mask, finish reason, searches)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, m))
+    retriever = ScriptedRetriever()
+    rows = [dict(context=list(p), mask=[0] * len(p), turn=0, generated=[], finish=None, searches=0)
+            for p in prompts]
+    while any(r["finish"] is None for r in rows):
+        tokens = np.zeros((len(rows), width), np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, :len(r["context"])] = r["context"]
+        lengths = np.array([len(r["context"]) for r in rows])
+        mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+        logits = np.asarray(forward(state, tokens, mask))[np.arange(len(rows)), lengths - 1]
+        for b, r in enumerate(rows):
+            if r["finish"] is not None:
+                continue
+            token = int(np.argmax(logits[b]))
+            r["generated"].append(token)
+            r["context"].append(token)
+            r["mask"].append(1)
+            final = r["turn"] == config.max_turns
+            text = tokenizer.decode(r["generated"], skip_special_tokens=False)
+            if not ((not final and "</search>" in text) or "</answer>" in text
+                    or token == tokenizer.eos_token_id or len(r["generated"]) == config.max_new_tokens):
+                continue
+            r["turn"] += 1
+            r["generated"] = []
+            if "</answer>" in text and "<answer>" in text[:text.index("</answer>")]:
+                r["finish"] = "answer"
+                continue
+            if final:
+                r["finish"] = "max_turns"
+                continue
+            if "</search>" in text and "<search>" in text[:text.index("</search>")]:
+                head = text[:text.index("</search>")]
+                query = head[head.rindex("<search>") + len("<search>"):].strip()
+                passages = retriever.search([query], config.topk)[0]
+                observation = wrap_information(format_passages(passages))
+                r["searches"] += 1
+            else:
+                observation = CORRECTIVE
+            obs_ids = tokenizer.encode(observation, add_special_tokens=False)
+            assert len(obs_ids) <= config.max_obs_tokens
+            r["context"] += obs_ids
+            r["mask"] += [0] * len(obs_ids)
+    assert max(len(r["context"]) for r in rows) <= width
+    return [(r["context"], r["mask"], r["finish"], r["searches"]) for r in rows]
+
+
+def test_greedy_kv_cache_rollout_equals_full_recompute_reference(policy, tokenizer, greedy_run):
+    trajectory, retriever = greedy_run
+    tokens = np.asarray(trajectory.tokens)
+    loss_mask = np.asarray(trajectory.loss_mask)
+    end = np.asarray(trajectory.response_end)
+    reference = _reference_rollout(policy, tokenizer, _prompt_ids(tokenizer), GREEDY)
+    for b, (want, want_mask, want_finish, want_searches) in enumerate(reference):
+        assert tokens[b, :end[b]].tolist() == want, f"row {b}"
+        assert loss_mask[b, :end[b]].tolist() == want_mask, f"row {b}"
+        assert (trajectory.finish_reason[b], trajectory.searches[b]) == (want_finish, want_searches)
+    # The rollout exercised every path: searches, answers, invalid actions, several turns.
+    assert trajectory.searches.sum() >= 3 and (trajectory.finish_reason == "answer").sum() >= 3
+    assert (trajectory.valid_actions < trajectory.turns).sum() >= 2
+    assert trajectory.turns.max() == GREEDY.max_turns + 1
+    # One retriever call per turn that had searches, each with all of that turn's queries.
+    assert sum(map(len, retriever.calls)) == trajectory.searches.sum()
+    assert len(retriever.calls) <= GREEDY.max_turns
+
+
+def test_trajectory_layout(greedy_run, tokenizer):
+    trajectory, _ = greedy_run
+    tokens, attention, positions, loss_mask, logprobs = (np.asarray(x) for x in (
+        trajectory.tokens, trajectory.attention_mask, trajectory.positions, trajectory.loss_mask,
+        trajectory.logprobs))
+    prompt_len, end = np.asarray(trajectory.prompt_len), np.asarray(trajectory.response_end)
+    assert tokens.shape == (len(PROMPTS), GREEDY.context_tokens)
+    for b in range(len(PROMPTS)):
+        assert prompt_len[b] == len(tokenizer.encode(PROMPTS[b], add_special_tokens=False))
+        assert attention[b].tolist() == [1] * end[b] + [0] * (tokens.shape[1] - end[b])
+        assert positions[b, :end[b]].tolist() == list(range(end[b]))
+        assert not loss_mask[b, :prompt_len[b]].any() and loss_mask[b, end[b] - 1] == 1
+        assert (tokens[b, end[b]:] == tokenizer.pad_token_id).all()
+        assert trajectory.responses[b] == tokenizer.decode(
+            tokens[b, prompt_len[b]:end[b]], skip_special_tokens=True)
+    assert (loss_mask <= attention).all()
+    assert (logprobs[loss_mask == 0] == 0).all() and (logprobs[loss_mask == 1] <= 0).all()
+
+
+SAMPLED = dataclasses.replace(GREEDY, greedy=False, temperature=0.7, top_k=40, top_p=0.9,
+                              n_samples=2)
+
+
+def test_sampling_logprobs_equal_teacher_forced(policy, tokenizer):
+    prompts = _prompt_ids(tokenizer)[:4]
+    trajectory = RolloutDriver(policy, tokenizer, SAMPLED).run(prompts, ScriptedRetriever(),
+                                                               jax.random.key(3))
+    tokens, mask = np.asarray(trajectory.tokens), np.asarray(trajectory.attention_mask)
+    assert tokens.shape[0] == 8
+    for b in range(4):  # a GRPO group: same prompt, different samples
+        n = len(prompts[b])
+        assert tokens[2 * b, :n].tolist() == tokens[2 * b + 1, :n].tolist() == prompts[b]
+    assert any(tokens[2 * b].tolist() != tokens[2 * b + 1].tolist() for b in range(4))
+    logits = jax.jit(lambda t, m: policy(t, m))(tokens, mask)
+    teacher = jax.nn.log_softmax(logits / SAMPLED.temperature, axis=-1)
+    # The logprob at slot s comes from the logits at slot s - 1.
+    forced = np.take_along_axis(np.asarray(teacher[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
+    loss_mask = np.asarray(trajectory.loss_mask)[:, 1:].astype(bool)
+    sampled = np.asarray(trajectory.logprobs)[:, 1:]
+    assert loss_mask.sum() > 50
+    observed = (~loss_mask & (mask[:, 1:] == 1)) & (np.arange(1, tokens.shape[1]) >= np.asarray(
+        trajectory.prompt_len)[:, None])
+    assert observed.sum() > 100  # policy tokens after observations are included
+    print(trajectory.finish_reason, trajectory.searches, trajectory.turns)
+    np.testing.assert_allclose(sampled[loss_mask], forced[loss_mask], atol=1e-4, rtol=0)
+
+
+def test_sharded_rollout_equals_unsharded(policy, tokenizer, greedy_run):
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    mesh = Mesh(devices, ("data", "fsdp"))
+    params = jax.device_put(nnx.state(policy), NamedSharding(mesh, PartitionSpec()))
+    driver = RolloutDriver(policy, tokenizer, GREEDY, mesh=mesh)
+    sharded = driver.run(_prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(0), params=params)
+    assert sharded.tokens.sharding.spec == PartitionSpec(("data", "fsdp"))
+    assert len(sharded.tokens.addressable_shards) == 8
+    unsharded, _ = greedy_run
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(unsharded.tokens))
+    np.testing.assert_array_equal(np.asarray(sharded.loss_mask), np.asarray(unsharded.loss_mask))
+    np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(unsharded.logprobs), atol=1e-5)
+    assert sharded.finish_reason.tolist() == unsharded.finish_reason.tolist()
+    with pytest.raises(ValueError, match="do not divide over the mesh's 8 batch shards"):
+        driver.run(_prompt_ids(tokenizer)[:3], ScriptedRetriever(), jax.random.key(0), params=params)
+
+
+# -- the scripted policy ----------------------------------------------------------------------
+SEARCH_CHAIN = ["ĊĊ", "<search>", "Ġcapital", "Ġ</", "search", ">."]
+ANSWER_CHAIN = [">.", "<answer>", "ĠParis", "Ġ", "</answer>"]
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    """Next token = successor(current token): after an observation ("…ĊĊ") it searches for
+    "capital" with `</search>` cut into " </" "search" ">." (a trailing "." included); if the
+    search tag does not stop it, it answers "Paris". After "France" it emits EOS. Every other
+    token is followed by "!" (id 0, the argmax of all-zero logits), forever."""
+    cfg = _config(tokenizer, hidden=32, intermediate=16, layers=1, heads=2, kv_heads=1)
+    model = _decoder(cfg, kernel_std=0.0)
+    # A chain token's final hidden state is sqrt(32) on its own dimension: successor logit 5.
+    _set_chains(model, tokenizer, [SEARCH_CHAIN, ANSWER_CHAIN, ["ĠFrance", "<|endoftext|>"]],
+                scale=5.0 / np.sqrt(32))
+    assert tokenizer.convert_ids_to_tokens(0) == "!"
+    return model
+
+
+def test_hand_checked_trajectory(scripted, tokenizer):
+    """Turn 1 invalid (token limit, then EOS on row 1), corrective observation; turn 2 a
+    search split over three tokens, retrieved observation; turn 3 (final, search does not
+    stop) the same search text, then the answer."""
+    config = RolloutConfig(max_turns=2, max_new_tokens=10, max_obs_tokens=96, max_prompt_tokens=16,
+                           greedy=True, topk=1)
+    retriever = ScriptedRetriever()
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("Where?", "Paris is in France")]
+    trajectory = RolloutDriver(scripted, tokenizer, config).run(prompts, retriever, jax.random.key(0))
+
+    ids = lambda tokens: tokenizer.convert_tokens_to_ids(tokens)
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    search = ids(SEARCH_CHAIN[1:])
+    answer = ids(ANSWER_CHAIN[1:])
+    observation_text = ('\n\n<information>Doc 1(Title: "capital 0") The capital is number 0.'
+                        '</information>\n\n')
+    observation = enc(observation_text)
+    corrective = enc(CORRECTIVE)
+    assert retriever.calls == [["capital", "capital"]]  # one call, turn 2, both rows
+    for b, first_turn in enumerate([[0] * 10, [tokenizer.eos_token_id]]):
+        segments = [(prompts[b], 0), (first_turn, 1), (corrective, 0), (search, 1),
+                    (observation, 0), (search + answer, 1)]
+        want_tokens = [t for seg, _ in segments for t in seg]
+        want_mask = [m for seg, m in segments for _ in seg]
+        end = int(trajectory.response_end[b])
+        assert np.asarray(trajectory.tokens)[b, :end].tolist() == want_tokens
+        assert np.asarray(trajectory.loss_mask)[b].tolist() == want_mask + [0] * (
+            config.context_tokens - end)
+        logprobs = np.asarray(trajectory.logprobs)[b]
+        assert (logprobs[:end][np.array(want_mask) == 1] < 0).all()
+        assert (logprobs[:end][np.array(want_mask) == 0] == 0).all()
+        assert trajectory.turns[b] == 3 and trajectory.searches[b] == 1
+        assert trajectory.valid_actions[b] == 2 and trajectory.finish_reason[b] == "answer"
+    assert trajectory.responses[0] == (
+        "!" * 10 + CORRECTIVE + "<search> capital </search>." + observation_text
+        + "<search> capital </search>.<answer> Paris </answer>")
+    # Greedy logprobs: a chain token's successor has logit 5 against 527 zeros; after a
+    # token outside the chains every logit is 0.
+    logprobs = np.asarray(trajectory.logprobs)
+    np.testing.assert_allclose(logprobs[1, int(trajectory.response_end[1]) - 1],
+                               5 - np.log(np.exp(5) + VOCAB - 1), rtol=1e-5)
+    np.testing.assert_allclose(logprobs[0, len(prompts[0])], -np.log(VOCAB), rtol=1e-5)
+
+
+def test_context_budget(scripted, tokenizer):
+    """Row 0 fills its budget while generating; row 1's corrective observation does not fit."""
+    config = RolloutConfig(max_turns=2, max_new_tokens=10, max_obs_tokens=96, max_prompt_tokens=32,
+                           max_context_tokens=36, greedy=True)
+    long_prompt = tokenizer.encode("x" * 28, add_special_tokens=False)
+    short_prompt = tokenizer.encode("Where?", add_special_tokens=False)
+    assert len(long_prompt) == 28 and len(short_prompt) + 10 < 36
+    trajectory = RolloutDriver(scripted, tokenizer, config).run(
+        [long_prompt, short_prompt], ScriptedRetriever(), jax.random.key(0))
+    assert trajectory.finish_reason.tolist() == ["context_budget", "context_budget"]
+    assert np.asarray(trajectory.response_end).tolist() == [36, len(short_prompt) + 10]
+    assert trajectory.turns.tolist() == [1, 1]
+    loss_mask = np.asarray(trajectory.loss_mask)
+    assert loss_mask[0].tolist() == [0] * len(long_prompt) + [1] * (36 - len(long_prompt))
+    assert loss_mask[1].sum() == 10
