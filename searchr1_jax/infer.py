@@ -67,6 +67,9 @@ def main(argv=None):
     else:
         text = base_prompt(args.question)
     ids = tokenizer(text, add_special_tokens=args.template == "base")["input_ids"]
+    if len(ids) > args.max_prompt_tokens:
+        raise SystemExit(f"error: the prompt has {len(ids)} tokens, more than --max-prompt-tokens "
+                         f"(max_prompt_tokens = {args.max_prompt_tokens})")
     traj = greedy_driver(model, tokenizer, args).run([ids], retriever, jax.random.key(0))
     segments = episode_segments(traj, 0, tokenizer)
     print(render_episode(args.question, segments))

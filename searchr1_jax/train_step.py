@@ -131,6 +131,15 @@ def _accumulate(loss_fn, params, micro_batches):
     return grads, loss, jax.tree.map(jnp.mean, metrics)
 
 
+def _step(tx, params, opt_state, grads, loss, metrics, prefix: str):
+    """Apply accumulated gradients; metrics named `<prefix>/…` with loss and grad norm."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
+    metrics[f"{prefix}/loss"] = loss
+    metrics[f"{prefix}/grad_norm"] = optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
 def policy_update(graphdef, params, opt_state, batch: PolicyBatch, *, tx: optax.GradientTransformation,
                   cfg: LossConfig, num_micro: int):
     """One optimizer step of the policy on a mini-batch split into `num_micro` micro-batches.
@@ -154,12 +163,7 @@ def policy_update(graphdef, params, opt_state, batch: PolicyBatch, *, tx: optax.
             metrics["kl_loss"] = rl.aggregated_value(kl)
         return numerator / jnp.maximum(denominator, 1.0), metrics
 
-    grads, loss, metrics = _accumulate(loss_fn, params, _split_micro(batch, num_micro))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {f"actor/{k}": v for k, v in metrics.items()}
-    metrics["actor/loss"] = loss
-    metrics["actor/grad_norm"] = optax.global_norm(grads)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    return _step(tx, params, opt_state, *_accumulate(loss_fn, params, _split_micro(batch, num_micro)), "actor")
 
 
 def critic_update(graphdef, params, opt_state, batch: CriticBatch, *, tx: optax.GradientTransformation,
@@ -175,9 +179,4 @@ def critic_update(graphdef, params, opt_state, batch: CriticBatch, *, tx: optax.
                                    clip_range=cfg.value_clip)
         return parts.numerator / jnp.maximum(denominator, 1.0), metrics
 
-    grads, loss, metrics = _accumulate(loss_fn, params, _split_micro(batch, num_micro))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {f"critic/{k}": v for k, v in metrics.items()}
-    metrics["critic/loss"] = loss
-    metrics["critic/grad_norm"] = optax.global_norm(grads)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    return _step(tx, params, opt_state, *_accumulate(loss_fn, params, _split_micro(batch, num_micro)), "critic")
