@@ -7,6 +7,7 @@ model, data and retriever.
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -31,6 +32,11 @@ def main(argv):
         validate(config)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    if config.trainer.compilation_cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.trainer.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if config.demo.enabled:
         from searchr1_jax.demo.pipeline import run_demo
 
