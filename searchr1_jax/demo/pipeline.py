@@ -146,7 +146,8 @@ def run_demo(config: ml_collections.ConfigDict) -> dict:
     warm_metrics = trainer.evaluate(prefix="warm_start")
     warm_table = json.loads((out_dir / "samples" / "warm_start_step0_table.json").read_text())
     print("\nwarm start (held-out, greedy):", {k: round(v, 3) for k, v in em_by_type(warm_table).items()})
-    trainer.logger.log(0, warm_metrics)
+    # Step 0 of the curves: the warm start, under the same keys as later evaluations.
+    trainer.logger.log(0, {k.replace("warm_start/", "eval/", 1): v for k, v in warm_metrics.items()})
     trainer.train()
     final_step = trainer.step_count
     trained_table = json.loads((out_dir / "samples" / f"eval_step{final_step}_table.json").read_text())
