@@ -19,6 +19,7 @@ finish_reason "context_budget" (the observation is not appended).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Sequence
@@ -92,71 +93,44 @@ class RolloutDriver:
             raise ValueError(f"{len(prompts)} prompts x n_samples {cfg.n_samples} = {rows} rows do "
                              f"not divide over the mesh's {engine.batch_shards} batch shards")
         timings = dict(prefill_seconds=0.0, decode_seconds=0.0, retrieval_seconds=0.0,
-                       append_seconds=0.0)
+                       append_seconds=0.0, obs_truncated=0.0)
         clock = time.perf_counter()
         state = engine.prefill(params, prompt_tokens, prompt_mask, cfg.n_samples)
-        prompt_len = np.repeat(prompt_mask.sum(axis=1), cfg.n_samples).astype(np.int32)
-        length = prompt_len.copy()  # host mirror of cache.length
+        book = RowBook.start(np.repeat(prompt_mask.sum(axis=1), cfg.n_samples))
         timings["prefill_seconds"] += time.perf_counter() - clock
-
-        done = np.zeros(rows, bool)
-        finish = np.full(rows, "", dtype=object)
-        turns, searches, valid_actions = (np.zeros(rows, np.int32) for _ in range(3))
-        truncated = 0
         for turn in range(cfg.max_turns + 1):
             final = turn == cfg.max_turns
-            full = ~done & (length >= self.budget)
-            done[full], finish[full] = True, "context_budget"
-            active = ~done
+            book.finish_rows(~book.done & (book.length >= self.budget), "context_budget")
+            active = ~book.done
             if not active.any():
                 break
             clock = time.perf_counter()
             state, result = engine.decode(params, state, active, jax.random.fold_in(key, turn),
-                                          search_enabled=not final, lengths=length)
+                                          search_enabled=not final, lengths=book.length)
             outcome, count, turn_tokens = jax.device_get((result.outcome, result.count,
                                                           result.turn_tokens))
             timings["decode_seconds"] += time.perf_counter() - clock
-            length += count
-            turns += active
-            active_rows = np.flatnonzero(active)
-            texts = self.tokenizer.batch_decode(
-                [turn_tokens[b, :count[b]].tolist() for b in active_rows],
-                skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            observations: dict[int, str] = {}
-            queries: list[tuple[int, str]] = []
-            for b, text in zip(active_rows, texts):
-                action = read_action(int(outcome[b]), text, **self.tags)
-                if action.kind == ANSWER:
-                    valid_actions[b] += 1
-                    done[b], finish[b] = True, "answer"
-                elif final:  # the search tag does not stop the final turn
-                    done[b], finish[b] = True, "max_turns"
-                elif action.kind == SEARCH:
-                    valid_actions[b] += 1
-                    queries.append((b, action.query))
-                elif outcome[b] == STOP_LENGTH and length[b] >= self.budget:
-                    done[b], finish[b] = True, "context_budget"
-                else:
-                    observations[b] = self.corrective
+            book.length += count
+            book.turns += active
+            observations, queries = self._read_actions(np.flatnonzero(active), outcome, count,
+                                                       turn_tokens, final, book)
             if final:
                 break
             if queries:
                 clock = time.perf_counter()
                 for (b, _), passages in zip(queries, self._search(retriever, queries, turn)):
                     observations[b] = passages_text(passages)
-                    searches[b] += 1
+                    book.searches[b] += 1
                 timings["retrieval_seconds"] += time.perf_counter() - clock
             if observations:
                 clock = time.perf_counter()
-                state, num_truncated = self._append_observations(params, state, observations,
-                                                                 length, done, finish)
-                truncated += num_truncated
+                state, truncated = self._append_observations(params, state, observations, book)
+                timings["obs_truncated"] += truncated
                 timings["append_seconds"] += time.perf_counter() - clock
-        if truncated:
-            log.info("rollout: %d of the observations were truncated to %d tokens", truncated,
-                     cfg.max_obs_tokens)
-        return self._trajectory(state, prompt_len, length, turns, searches, valid_actions,
-                                finish, dict(timings, obs_truncated=float(truncated)))
+        if timings["obs_truncated"]:
+            log.info("rollout: %d of the observations were truncated to %d tokens",
+                     timings["obs_truncated"], cfg.max_obs_tokens)
+        return self._trajectory(state, book, timings)
 
     # -- steps --------------------------------------------------------------------------------
     def _pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +151,31 @@ class RolloutDriver:
             mask[i, :len(ids)] = 1
         return tokens, mask
 
+    def _read_actions(self, active_rows, outcome, count, turn_tokens, final: bool,
+                      book: "RowBook") -> tuple[dict[int, str], list[tuple[int, str]]]:
+        """Settle each active row's turn: finish it, or queue its query or corrective
+        observation. Returns (observations by row, [(row, query)])."""
+        texts = self.tokenizer.batch_decode(
+            [turn_tokens[b, :count[b]].tolist() for b in active_rows],
+            skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        observations: dict[int, str] = {}
+        queries: list[tuple[int, str]] = []
+        for b, text in zip(active_rows, texts):
+            action = read_action(int(outcome[b]), text, **self.tags)
+            if action.kind == ANSWER:
+                book.valid_actions[b] += 1
+                book.finish_rows(b, "answer")
+            elif final:  # the search tag does not stop the final turn
+                book.finish_rows(b, "max_turns")
+            elif action.kind == SEARCH:
+                book.valid_actions[b] += 1
+                queries.append((b, action.query))
+            elif outcome[b] == STOP_LENGTH and book.length[b] >= self.budget:
+                book.finish_rows(b, "context_budget")
+            else:
+                observations[b] = self.corrective
+        return observations, queries
+
     def _search(self, retriever: Retriever, queries: list[tuple[int, str]], turn: int):
         texts = [q for _, q in queries]
         try:
@@ -189,37 +188,62 @@ class RolloutDriver:
                                f"result lists for {len(texts)} queries on turn {turn}")
         return results
 
-    def _append_observations(self, params, state, observations: dict[int, str], length, done,
-                             finish):
+    def _append_observations(self, params, state, observations: dict[int, str], book: "RowBook"):
         """Tokenize, truncate and append the observations; rows whose observation would
-        leave no room for a reply finish instead. Updates length/done/finish in place."""
+        leave no room for a reply finish instead. Returns (state, number truncated)."""
         order = sorted(observations)
         ids, num_truncated = observation_ids(self.tokenizer, [observations[b] for b in order],
                                              self.config.max_obs_tokens)
-        fits = {b: obs for b, obs in zip(order, ids) if length[b] + len(obs) < self.budget}
-        for b in set(order) - set(fits):
-            done[b], finish[b] = True, "context_budget"
+        fits = {b: obs for b, obs in zip(order, ids) if book.length[b] + len(obs) < self.budget}
+        book.finish_rows([b for b in order if b not in fits], "context_budget")
         if not fits:
             return state, num_truncated
-        tokens = np.full((len(length), self.obs_width), self.pad_id, np.int32)
-        mask = np.zeros((len(length), self.obs_width), np.int32)
+        tokens = np.full((len(book.length), self.obs_width), self.pad_id, np.int32)
+        mask = np.zeros((len(book.length), self.obs_width), np.int32)
         for b, obs in fits.items():
             tokens[b, :len(obs)] = obs
             mask[b, :len(obs)] = 1
-        state = self.engine.append(params, state, tokens, mask, lengths=length)
-        length += mask.sum(axis=1)
+        state = self.engine.append(params, state, tokens, mask, lengths=book.length)
+        book.length += mask.sum(axis=1)
         return state, num_truncated
 
-    def _trajectory(self, state, prompt_len, length, turns, searches, valid_actions, finish,
-                    stats) -> Trajectory:
+    def _trajectory(self, state, book: "RowBook", stats: dict[str, float]) -> Trajectory:
         arrays = trajectory_arrays(state.cache.valid, state.cache.length, state.tokens,
-                                   state.logprobs, state.policy, self.engine.put_rows(prompt_len),
+                                   state.logprobs, state.policy, self.engine.put_rows(book.prompt_len),
                                    width=self.budget, pad_id=self.pad_id)
         tokens, response_end = jax.device_get((arrays["tokens"], arrays["response_end"]))
-        if not np.array_equal(response_end, length):  # the host's bookkeeping must agree
-            raise AssertionError(f"rollout lengths diverged: device {response_end}, host {length}")
+        if not np.array_equal(response_end, book.length):  # host bookkeeping must agree
+            raise AssertionError(f"rollout lengths diverged: device {response_end}, host {book.length}")
         responses = self.tokenizer.batch_decode(
-            [tokens[b, prompt_len[b]:response_end[b]].tolist() for b in range(len(length))],
+            [tokens[b, book.prompt_len[b]:response_end[b]].tolist() for b in range(len(tokens))],
             skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Trajectory(**arrays, turns=turns, searches=searches, valid_actions=valid_actions,
-                          finish_reason=finish.astype(str), responses=list(responses), stats=stats)
+        return Trajectory(**arrays, turns=book.turns, searches=book.searches,
+                          valid_actions=book.valid_actions, finish_reason=book.finish.astype(str),
+                          responses=list(responses), stats=stats)
+
+
+@dataclasses.dataclass
+class RowBook:
+    """Host bookkeeping of R rows: prompt_len and length (a mirror of the cache's), done,
+    finish reason, and the turns / searches / valid_actions counters, all numpy [R]."""
+
+    prompt_len: np.ndarray
+    length: np.ndarray
+    done: np.ndarray
+    finish: np.ndarray
+    turns: np.ndarray
+    searches: np.ndarray
+    valid_actions: np.ndarray
+
+    @classmethod
+    def start(cls, prompt_len: np.ndarray) -> "RowBook":
+        rows = len(prompt_len)
+        zeros = lambda: np.zeros(rows, np.int32)
+        return cls(prompt_len=prompt_len.astype(np.int32), length=prompt_len.astype(np.int32),
+                   done=np.zeros(rows, bool), finish=np.full(rows, "", dtype=object),
+                   turns=zeros(), searches=zeros(), valid_actions=zeros())
+
+    def finish_rows(self, rows, reason: str) -> None:
+        """Mark rows (an index, a list of indices or a boolean mask) done with `reason`."""
+        self.done[rows] = True
+        self.finish[rows] = reason

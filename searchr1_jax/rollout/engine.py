@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from searchr1_jax.models.decoder import Decoder
 from searchr1_jax.models.kv_cache import (KVCache, chunk_attention_mask, chunk_extent,
                                           chunk_positions, write_rows)
+from searchr1_jax.rollout.decode_step import HeadMajorCache, decode_step
 from searchr1_jax.rollout.sampling import SamplingParams, sample_tokens
 from searchr1_jax.rollout.stops import (NOT_STOPPED, STOP_EOS, STOP_LENGTH, StopTable,
                                         stop_step)
@@ -258,7 +259,9 @@ class RolloutEngine:
     def _decode_impl(self, params, stop_packed, eos_ids, full_state, active, key, search_enabled,
                      window):
         model = nnx.merge(self.graphdef, params)
-        state = slot_window(full_state, window)
+        windowed = slot_window(full_state, window)
+        # The loop carries the cache head-major (see decode_step); the rest of the state as is.
+        state = windowed.replace(cache=HeadMajorCache.from_cache(windowed.cache))
         rows, max_new = active.shape[0], self.max_new_tokens
         limit = jnp.minimum(max_new, self.budget - state.cache.length)
         active = active & (limit > 0)
@@ -284,10 +287,10 @@ class RolloutEngine:
                                           jnp.where(new_count >= limit, STOP_LENGTH, NOT_STOPPED)))
             at_slot = active[:, None] & (slots[None, :] == state.cache.length[:, None])
             at_turn = active[:, None] & (turn_slots[None, :] == count[:, None])
-            logits, cache = model.extend(token[:, None], active[:, None].astype(jnp.int32), state.cache)
+            logits, cache = decode_step(model, token, active, state.cache)
             state = RolloutState(
                 cache=cache,
-                next_logits=jnp.where(active[:, None], logits[:, 0], state.next_logits),
+                next_logits=jnp.where(active[:, None], logits, state.next_logits),
                 tokens=jnp.where(at_slot, token[:, None], state.tokens),
                 logprobs=jnp.where(at_slot, logprob[:, None], state.logprobs),
                 policy=state.policy | at_slot)
@@ -298,5 +301,6 @@ class RolloutEngine:
             return carry
 
         state, _, _, outcome, count, turn_tokens, _ = jax.lax.while_loop(cond, body, init)
+        state = state.replace(cache=state.cache.to_cache())
         state = self._constrain(merge_window(full_state, state))
         return state, TurnResult(outcome=outcome, count=count, turn_tokens=turn_tokens)
