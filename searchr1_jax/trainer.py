@@ -408,17 +408,3 @@ class Trainer:
             self.checkpointer.close()
             self.logger.close()
         return last
-
-
-def replace_config(config: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted-key updates, e.g. replace_config(c, **{"trainer.resume": True})."""
-    new = ml_collections.ConfigDict(config.to_dict())
-    for dotted, value in updates.items():
-        node = new
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return new
-
-
