@@ -95,7 +95,7 @@ class RolloutDriver:
         timings = dict(prefill_seconds=0.0, decode_seconds=0.0, retrieval_seconds=0.0,
                        append_seconds=0.0, obs_truncated=0.0)
         clock = time.perf_counter()
-        state = engine.prefill(params, prompt_tokens, prompt_mask, cfg.n_samples)
+        state = jax.block_until_ready(engine.prefill(params, prompt_tokens, prompt_mask, cfg.n_samples))
         book = RowBook.start(np.repeat(prompt_mask.sum(axis=1), cfg.n_samples))
         timings["prefill_seconds"] += time.perf_counter() - clock
         for turn in range(cfg.max_turns + 1):
@@ -203,7 +203,9 @@ class RolloutDriver:
         for b, obs in fits.items():
             tokens[b, :len(obs)] = obs
             mask[b, :len(obs)] = 1
-        state = self.engine.append(params, state, tokens, mask, lengths=book.length)
+        # Waiting here only makes the timings honest: the next decode needs the result anyway.
+        state = jax.block_until_ready(self.engine.append(params, state, tokens, mask,
+                                                         lengths=book.length))
         book.length += mask.sum(axis=1)
         return state, num_truncated
 
@@ -238,10 +240,10 @@ class RowBook:
     @classmethod
     def start(cls, prompt_len: np.ndarray) -> "RowBook":
         rows = len(prompt_len)
-        zeros = lambda: np.zeros(rows, np.int32)
         return cls(prompt_len=prompt_len.astype(np.int32), length=prompt_len.astype(np.int32),
                    done=np.zeros(rows, bool), finish=np.full(rows, "", dtype=object),
-                   turns=zeros(), searches=zeros(), valid_actions=zeros())
+                   turns=np.zeros(rows, np.int32), searches=np.zeros(rows, np.int32),
+                   valid_actions=np.zeros(rows, np.int32))
 
     def finish_rows(self, rows, reason: str) -> None:
         """Mark rows (an index, a list of indices or a boolean mask) done with `reason`."""

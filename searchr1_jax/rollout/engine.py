@@ -11,6 +11,10 @@ Slots: the cache holds `capacity` slots per row; a row never holds more than `bu
 tokens, and the slots above the budget are scratch room so that a chunk appended to every
 row at once (finished rows get an all-padding chunk there) never runs past the end.
 
+Decode runs one `lax.while_loop` per turn over `decode_step.decode_step` (the cache held
+head-major for the turn); prefill and observations go through the decoder's own chunked
+append (`extend_hidden`), in pieces of APPEND_PIECE tokens.
+
 Windows: every call works on the first `window` slots only (a static multiple of
 WINDOW_STEP that the caller picks to cover every row's next writes), so attention reads the
 slots in use rather than the whole capacity; the rest of the state is left as it is.
@@ -89,7 +93,9 @@ def slot_window(state: RolloutState, width: int) -> RolloutState:
 
 def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
     """`full` with its first slots, next_logits and lengths replaced by those of `part`."""
-    put = lambda whole, piece: jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=1)
+    def put(whole, piece):
+        return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=1)
+
     cache, new = full.cache, part.cache
     return RolloutState(
         cache=KVCache(keys=tuple(map(put, cache.keys, new.keys)),
