@@ -11,3 +11,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def make_tiny_world(root):
+    """The small demo world (short prompts) and a random 2-layer Qwen2 model saved in HF
+    format under `root`: {"root", "paths", "model"} for CLI tests."""
+    import json
+
+    from flax import nnx
+
+    from searchr1_jax.demo.build import build_demo
+    from searchr1_jax.models import Decoder, save_hf
+    from searchr1_jax.models.config import config_from_hf_dict
+
+    paths = build_demo(root / "cache", size="small", seed=0, instruction="short")
+    raw = json.loads(paths.model_config.read_text())
+    raw.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    cfg = config_from_hf_dict(raw)
+    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), cfg, root / "model", tokenizer_dir=paths.tokenizer)
+    return {"root": root, "paths": paths, "model": root / "model"}

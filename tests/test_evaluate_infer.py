@@ -6,26 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from flax import nnx
+from conftest import make_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from searchr1_jax.demo.build import build_demo
-    from searchr1_jax.models import Decoder, save_hf
-    from searchr1_jax.models.config import config_from_hf_dict
-
-    root = tmp_path_factory.mktemp("evaluate")
-    paths = build_demo(root / "cache", size="small", seed=0, instruction="short")
-    raw = json.loads(paths.model_config.read_text())
-    raw.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2)
-    cfg = config_from_hf_dict(raw)
-    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), cfg, root / "model", tokenizer_dir=paths.tokenizer)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return {"root": root, "paths": paths, "model": root / "model", "env": env}
+    world = make_tiny_world(tmp_path_factory.mktemp("evaluate"))
+    world["env"] = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return world
 
 
 def _run(setup, module, *args):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
+from conftest import make_tiny_world
 from searchr1_jax.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,19 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A small demo world (short prompts) and a random tiny Qwen2 model saved in HF format."""
-    from searchr1_jax.demo.build import build_demo
-    from searchr1_jax.models import Decoder, save_hf
-    from searchr1_jax.models.config import config_from_hf_dict
-
-    root = tmp_path_factory.mktemp("trainer")
-    paths = build_demo(root / "cache", size="small", seed=0, instruction="short")
-    raw = json.loads(paths.model_config.read_text())
-    raw.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2)
-    cfg = config_from_hf_dict(raw)
-    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), cfg, root / "model", tokenizer_dir=paths.tokenizer)
-    return {"root": root, "model": root / "model", "paths": paths}
+    return make_tiny_world(tmp_path_factory.mktemp("trainer"))
 
 
 def _command(world, out_dir, *extra):
