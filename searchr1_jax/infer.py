@@ -1,24 +1,42 @@
 """python -m searchr1_jax.infer --model M (--index DIR | --retriever-url URL) --question "..."
 
-Runs one multi-turn Search-R1 episode and prints it turn by turn: the model's reasoning,
-each search with the titles it retrieved, invalid actions, and the final answer.
+Runs one multi-turn Search-R1 episode and prints it turn by turn as it is generated: each
+turn's text as soon as the turn ends (before its search runs), the titles each search
+retrieved or the invalid-action note, and finally the answer with the episode's counts.
 M is a Hugging Face model directory or a training run / Orbax checkpoint directory.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 import jax
 import numpy as np
 
 from searchr1_jax.evaluate import add_rollout_flags, greedy_driver, load_policy_any, make_retriever
+from searchr1_jax.rewards import extract_answer
+from searchr1_jax.rollout.actions import SEARCH
+from searchr1_jax.rollout.driver import TurnEvent
 
 TITLE = re.compile(r"Doc \d+\(Title: (.*?)\)")
+INFORMATION_TAG = re.compile(r"</?information>")
+# The corrective message (rollout.observations.corrective_text) starts with this, whatever the tags.
+CORRECTIVE_START = "<information>My previous action is invalid."
+
+
+def observation_line(kind: str, text: str) -> str:
+    """One indented line for an observation: kind "information" (a search's passages: their
+    titles) or "note" (the corrective message after an invalid action)."""
+    if kind == "information":
+        titles = TITLE.findall(text)
+        return f"    [retrieved {len(titles)}: " + " | ".join(titles) + "]"
+    return f"    [invalid action → {INFORMATION_TAG.sub('', text).strip()}]"
 
 
 def episode_segments(traj, row: int, tokenizer) -> list[tuple[str, str]]:
-    """(kind, text) in order for one row: kind "policy", "information" or "note"."""
+    """(kind, text) in order for one row of a finished trajectory: kind "policy",
+    "information" or "note"."""
     tokens, loss_mask = np.asarray(traj.tokens)[row], np.asarray(traj.loss_mask)[row]
     lo, end = int(np.asarray(traj.prompt_len)[row]), int(np.asarray(traj.response_end)[row])
     segments = []
@@ -27,29 +45,45 @@ def episode_segments(traj, row: int, tokenizer) -> list[tuple[str, str]]:
         while hi < end and loss_mask[hi] == loss_mask[lo]:
             hi += 1
         text = tokenizer.decode(tokens[lo:hi].tolist(), skip_special_tokens=True)
-        kind = "policy" if loss_mask[lo] else ("information" if "<information>" in text else "note")
+        kind = "policy" if loss_mask[lo] else ("note" if text.lstrip().startswith(CORRECTIVE_START)
+                                               else "information")
         segments.append((kind, text))
         lo = hi
     return segments
 
 
 def render_episode(question: str, segments: list[tuple[str, str]]) -> str:
+    """The episode of a finished trajectory (see episode_segments), as infer prints it."""
     lines = [f"Question: {question}", ""]
     for kind, text in segments:
-        if kind == "policy":
-            lines.append(text.strip())
-        elif kind == "information":
-            titles = TITLE.findall(text)
-            lines.append(f"    [retrieved {len(titles)}: " + " | ".join(titles) + "]")
-        else:
-            lines.append(f"    [invalid action → {text.strip()}]")
+        lines.append(text.strip() if kind == "policy" else observation_line(kind, text))
     return "\n".join(lines)
+
+
+def stream_episode(driver, question: str, ids: list[int], retriever, key=None, out=None):
+    """Roll out one prompt with `driver` (a RolloutDriver), printing the episode to `out`
+    (default: sys.stdout) as it is generated, then the answer line. Returns the Trajectory."""
+    out = sys.stdout if out is None else out
+    say = lambda line: print(line, file=out, flush=True)  # noqa: E731
+
+    def show(event: TurnEvent) -> None:
+        if event.stage == "action":
+            say(event.text.strip())
+        elif event.observation is not None:  # None: it did not fit, the row finished
+            say(observation_line("information" if event.action == SEARCH else "note",
+                                 event.observation))
+
+    say(f"Question: {question}\n")
+    traj = driver.run([ids], retriever, jax.random.key(0) if key is None else key, on_turn=show)
+    answer = extract_answer(traj.responses[0])
+    say(f"\nAnswer: {answer if answer is not None else '(none)'}   "
+        f"[searches: {int(traj.searches[0])}, turns: {int(traj.turns[0])}, finish: {traj.finish_reason[0]}]")
+    return traj
 
 
 def main(argv=None):
     from searchr1_jax.data import base_prompt, chat_messages, render_prompt
     from searchr1_jax.models import load_tokenizer
-    from searchr1_jax.rewards import extract_answer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model directory, or a run/checkpoint directory")
@@ -70,12 +104,7 @@ def main(argv=None):
     if len(ids) > args.max_prompt_tokens:
         raise SystemExit(f"error: the prompt has {len(ids)} tokens, more than --max-prompt-tokens "
                          f"(max_prompt_tokens = {args.max_prompt_tokens})")
-    traj = greedy_driver(model, tokenizer, args).run([ids], retriever, jax.random.key(0))
-    segments = episode_segments(traj, 0, tokenizer)
-    print(render_episode(args.question, segments))
-    answer = extract_answer("".join(t for k, t in segments if k != "note"))
-    print(f"\nAnswer: {answer if answer is not None else '(none)'}   "
-          f"[searches: {int(traj.searches[0])}, turns: {int(traj.turns[0])}, finish: {traj.finish_reason[0]}]")
+    stream_episode(greedy_driver(model, tokenizer, args), args.question, ids, retriever)
 
 
 if __name__ == "__main__":

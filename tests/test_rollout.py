@@ -25,7 +25,9 @@ from searchr1_jax.models import Decoder
 from searchr1_jax.models.config import config_from_hf_dict
 from searchr1_jax.retrieval.observation import format_passages, wrap_information
 from searchr1_jax.retrieval.types import Passage
+from searchr1_jax.infer import episode_segments, render_episode, stream_episode
 from searchr1_jax.rollout import RolloutConfig, RolloutDriver
+from searchr1_jax.rollout.actions import ANSWER, INVALID, SEARCH
 from test_rollout_units import CORRECTIVE, make_tokenizer
 
 VOCAB = 528  # model vocabulary, larger than the tokenizer's 521 like Qwen's
@@ -117,10 +119,14 @@ def _prompt_ids(tokenizer, texts=PROMPTS):
 
 
 @pytest.fixture(scope="module")
-def greedy_run(policy, tokenizer):
+def greedy_driver(policy, tokenizer):
+    return RolloutDriver(policy, tokenizer, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(greedy_driver, tokenizer):
     retriever = ScriptedRetriever()
-    driver = RolloutDriver(policy, tokenizer, GREEDY)
-    trajectory = driver.run(_prompt_ids(tokenizer), retriever, jax.random.key(0))
+    trajectory = greedy_driver.run(_prompt_ids(tokenizer), retriever, jax.random.key(0))
     return trajectory, retriever
 
 
@@ -218,6 +224,44 @@ SAMPLED = dataclasses.replace(GREEDY, greedy=False, temperature=0.7, top_k=40, t
                               n_samples=2)
 
 
+def test_on_turn_reports_every_turn_as_the_trajectory_records_it(greedy_driver, greedy_run, tokenizer):
+    trajectory, _ = greedy_run
+    events, retriever = [], ScriptedRetriever()
+    again = greedy_driver.run(_prompt_ids(tokenizer), retriever, jax.random.key(0),
+                              on_turn=events.append)
+    # The callback changes nothing in the trajectory.
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(trajectory.tokens))
+    assert again.responses == trajectory.responses
+    # Turn by turn; within a turn every action, then every observation, each by row.
+    order = [(e.turn, e.stage == "observation", e.row) for e in events]
+    assert order == sorted(order) and len(set(order)) == len(order)
+    queries = []
+    for b in range(len(PROMPTS)):
+        mine = [e for e in events if e.row == b]
+        acted = [e for e in mine if e.stage == "action"]
+        assert [e.turn for e in acted] == list(range(trajectory.turns[b]))  # once per turn
+        for e in mine:
+            assert e.action in (SEARCH, ANSWER, INVALID)
+            assert (e.query is not None) == (e.action == SEARCH)
+            if e.stage == "action":
+                assert e.observation is None
+            else:  # owed an observation: a search or an invalid action, not on the last turn
+                assert e.action != ANSWER and e.turn < GREEDY.max_turns
+                assert e.observation is None or e.observation.startswith("\n\n<information>")
+                assert e.observation is None or e.finish_reason == ""
+        assert all(e.finish_reason == "" for e in mine[:-1])
+        assert mine[-1].finish_reason == trajectory.finish_reason[b]
+        pieces = [e.text if e.stage == "action" else e.observation or "" for e in mine]
+        assert "".join(pieces) == trajectory.responses[b], f"row {b}"
+        assert sum(e.action == SEARCH for e in acted) == trajectory.searches[b]
+        assert sum(e.action != INVALID for e in acted) == trajectory.valid_actions[b]
+        queries += [(e.turn, b, e.query) for e in acted if e.action == SEARCH]
+    # The retriever was asked exactly the reported queries.
+    assert [q for call in retriever.calls for q in call] == [q for _, _, q in sorted(queries)]
+    assert {e.stage for e in events} == {"action", "observation"}
+    assert {e.action for e in events} == {SEARCH, ANSWER, INVALID}
+
+
 def test_sampling_logprobs_equal_teacher_forced(policy, tokenizer):
     prompts = _prompt_ids(tokenizer)[:4]
     trajectory = RolloutDriver(policy, tokenizer, SAMPLED).run(prompts, ScriptedRetriever(),
@@ -279,15 +323,23 @@ def scripted(tokenizer):
     return model
 
 
-def test_hand_checked_trajectory(scripted, tokenizer):
+HAND = RolloutConfig(max_turns=2, max_new_tokens=10, max_obs_tokens=96, max_prompt_tokens=16,
+                     greedy=True, topk=1)
+
+
+@pytest.fixture(scope="module")
+def hand_driver(scripted, tokenizer):
+    return RolloutDriver(scripted, tokenizer, HAND)
+
+
+def test_hand_checked_trajectory(hand_driver, tokenizer):
     """Turn 1 invalid (token limit, then EOS on row 1), corrective observation; turn 2 a
     search split over three tokens, retrieved observation; turn 3 (final, search does not
     stop) the same search text, then the answer."""
-    config = RolloutConfig(max_turns=2, max_new_tokens=10, max_obs_tokens=96, max_prompt_tokens=16,
-                           greedy=True, topk=1)
+    config = HAND
     retriever = ScriptedRetriever()
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("Where?", "Paris is in France")]
-    trajectory = RolloutDriver(scripted, tokenizer, config).run(prompts, retriever, jax.random.key(0))
+    trajectory = hand_driver.run(prompts, retriever, jax.random.key(0))
 
     ids = lambda tokens: tokenizer.convert_tokens_to_ids(tokens)
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)
@@ -321,6 +373,30 @@ def test_hand_checked_trajectory(scripted, tokenizer):
     np.testing.assert_allclose(logprobs[1, int(trajectory.response_end[1]) - 1],
                                5 - np.log(np.exp(5) + VOCAB - 1), rtol=1e-5)
     np.testing.assert_allclose(logprobs[0, len(prompts[0])], -np.log(VOCAB), rtol=1e-5)
+
+
+def test_infer_prints_each_turn_before_its_search(hand_driver, tokenizer, capsys):
+    """infer's episode is streamed: when the retriever is called, the turn that asked for the
+    search (and the invalid turn before it, with its note) is already on stdout."""
+    seen = []
+
+    class WatchingRetriever(ScriptedRetriever):
+        def search(self, queries, topk):
+            seen.append(capsys.readouterr().out)
+            return super().search(queries, topk)
+
+    ids = tokenizer.encode("Where?", add_special_tokens=False)
+    trajectory = stream_episode(hand_driver, "Where?", ids, WatchingRetriever())
+    assert seen == ["Question: Where?\n\n" + "!" * 10 + "\n    [invalid action → My previous action "
+                    "is invalid. If I want to search, I should put the query between <search> and "
+                    "</search>. If I want to give the final answer, I should put the answer between "
+                    "<answer> and </answer>. Let me try again.]\n<search> capital </search>.\n"]
+    assert capsys.readouterr().out == (
+        '    [retrieved 1: "capital 0"]\n<search> capital </search>.<answer> Paris </answer>\n'
+        "\nAnswer: Paris   [searches: 1, turns: 3, finish: answer]\n")
+    # The finished trajectory renders the same episode (the demo prints it that way).
+    assert render_episode("Where?", episode_segments(trajectory, 0, tokenizer)) + "\n" == (
+        seen[0] + '    [retrieved 1: "capital 0"]\n<search> capital </search>.<answer> Paris </answer>\n')
 
 
 def test_context_budget(scripted, tokenizer):

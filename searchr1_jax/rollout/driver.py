@@ -12,6 +12,10 @@ Per rollout (R = prompts × n_samples rows):
 Turn max_turns is the final one: the search tag no longer stops generation, and the row
 ends whatever it did ("max_turns" unless it answered).
 
+Streaming: `run(..., on_turn=f)` calls f(TurnEvent) on the host as each turn is settled
+(step 3, before the retriever is called) and again once its observation is known (after
+step 5), so a caller can show a trajectory while it is generated (see TurnEvent).
+
 Context budget: a row holds at most RolloutConfig.context_tokens tokens. A turn generates
 at most that many minus what the row holds; a row that fills its budget while generating,
 or whose next observation would leave no room for a reply to it, finishes with
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -31,7 +35,7 @@ from jax.sharding import Mesh
 
 from searchr1_jax.models.decoder import Decoder
 from searchr1_jax.retrieval.types import Retriever
-from searchr1_jax.rollout.actions import ANSWER, SEARCH, read_action
+from searchr1_jax.rollout.actions import ANSWER, SEARCH, Action, read_action
 from searchr1_jax.rollout.config import RolloutConfig
 from searchr1_jax.rollout.engine import RolloutEngine, chunk_width
 from searchr1_jax.rollout.observations import corrective_text, observation_ids, passages_text
@@ -40,6 +44,45 @@ from searchr1_jax.rollout.stops import STOP_LENGTH, build_stop_table, check_toke
 from searchr1_jax.rollout.trajectory import Trajectory, trajectory_arrays
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnEvent:
+    """One row's turn, as `RolloutDriver.run` reports it to its `on_turn` callback.
+
+    Every row that decodes in a turn is reported in stage "action" as soon as the turn's
+    text is read, before the retriever is called. A row that the action left running (it
+    searched, or its action was invalid) is reported again in stage "observation" once its
+    observation is settled, before the next turn decodes. Order: turn by turn; within a
+    turn, every "action" event, then every "observation" event, each in increasing row.
+
+      turn:          0-based turn index.
+      row:           the rollout row (prompt i's sample j is row i * n_samples + j).
+      stage:         "action" or "observation".
+      text:          the policy's tokens of this turn, decoded like Trajectory.responses
+                     (special tokens skipped); the same in both stages.
+      action:        rollout.actions.SEARCH, ANSWER or INVALID, as read from the turn.
+      query:         the search query for a SEARCH, else None.
+      observation:   stage "observation" only: the text appended after the turn (the
+                     retrieved passages or the corrective message, decoded from the tokens
+                     actually appended, so truncated as the policy sees it), or None when
+                     it did not fit and the row finished instead. None in stage "action".
+      finish_reason: why the row finished at this event ("answer", "max_turns",
+                     "context_budget"), or "" while it goes on.
+
+    A row's Trajectory.responses entry is the concatenation, over its events in order, of
+    `text` (stage "action") and `observation` (stage "observation", when not None), up to
+    a multi-byte character split across a turn and its observation (decoded separately).
+    """
+
+    turn: int
+    row: int
+    stage: str
+    text: str
+    action: str
+    query: str | None
+    observation: str | None
+    finish_reason: str
 
 
 class RolloutDriver:
@@ -78,10 +121,14 @@ class RolloutDriver:
         self.corrective = corrective_text(**self.tags)
 
     def run(self, prompts: Sequence[Sequence[int]], retriever: Retriever, key: jax.Array,
-            params: nnx.State | None = None) -> Trajectory:
+            params: nnx.State | None = None,
+            on_turn: Callable[[TurnEvent], None] | None = None) -> Trajectory:
         """Roll out every prompt (token ids, no padding) n_samples times.
 
         params: the policy weights to use (default: the model's current ones).
+        on_turn: called on the host with a TurnEvent per row and stage as each turn is
+          settled (see TurnEvent); its exceptions propagate. Without it nothing extra is
+          decoded; with it, only the turn's tokens and observations of reported rows.
         """
         cfg, engine = self.config, self.engine
         if not isinstance(retriever, Retriever):
@@ -112,8 +159,13 @@ class RolloutDriver:
             timings["decode_seconds"] += time.perf_counter() - clock
             book.length += count
             book.turns += active
-            observations, queries = self._read_actions(np.flatnonzero(active), outcome, count,
-                                                       turn_tokens, final, book)
+            active_rows = np.flatnonzero(active)
+            observations, queries, actions = self._read_actions(active_rows, outcome, count,
+                                                                turn_tokens, final, book)
+            reported = {}
+            if on_turn is not None:
+                reported = self._report_actions(on_turn, turn, active_rows, count, turn_tokens,
+                                                actions, book)
             if final:
                 break
             if queries:
@@ -124,9 +176,13 @@ class RolloutDriver:
                 timings["retrieval_seconds"] += time.perf_counter() - clock
             if observations:
                 clock = time.perf_counter()
-                state, truncated = self._append_observations(params, state, observations, book)
+                state, truncated, appended = self._append_observations(params, state,
+                                                                       observations, book)
                 timings["obs_truncated"] += truncated
                 timings["append_seconds"] += time.perf_counter() - clock
+                if on_turn is not None:
+                    self._report_observations(on_turn, reported, sorted(observations), appended,
+                                              book)
         if timings["obs_truncated"]:
             log.info("rollout: %d of the observations were truncated to %d tokens",
                      timings["obs_truncated"], cfg.max_obs_tokens)
@@ -151,17 +207,18 @@ class RolloutDriver:
             mask[i, :len(ids)] = 1
         return tokens, mask
 
-    def _read_actions(self, active_rows, outcome, count, turn_tokens, final: bool,
-                      book: "RowBook") -> tuple[dict[int, str], list[tuple[int, str]]]:
+    def _read_actions(self, active_rows, outcome, count, turn_tokens, final: bool, book: "RowBook"
+                      ) -> tuple[dict[int, str], list[tuple[int, str]], dict[int, Action]]:
         """Settle each active row's turn: finish it, or queue its query or corrective
-        observation. Returns (observations by row, [(row, query)])."""
+        observation. Returns (observations by row, [(row, query)], actions by row)."""
         texts = self.tokenizer.batch_decode(
             [turn_tokens[b, :count[b]].tolist() for b in active_rows],
             skip_special_tokens=False, clean_up_tokenization_spaces=False)
         observations: dict[int, str] = {}
         queries: list[tuple[int, str]] = []
+        actions: dict[int, Action] = {}
         for b, text in zip(active_rows, texts):
-            action = read_action(int(outcome[b]), text, **self.tags)
+            action = actions[b] = read_action(int(outcome[b]), text, **self.tags)
             if action.kind == ANSWER:
                 book.valid_actions[b] += 1
                 book.finish_rows(b, "answer")
@@ -174,7 +231,34 @@ class RolloutDriver:
                 book.finish_rows(b, "context_budget")
             else:
                 observations[b] = self.corrective
-        return observations, queries
+        return observations, queries, actions
+
+    def _report_actions(self, on_turn, turn: int, active_rows, count, turn_tokens,
+                        actions: dict[int, Action], book: "RowBook") -> dict[int, TurnEvent]:
+        """Send each active row's "action" event; returns them by row."""
+        texts = self.tokenizer.batch_decode(
+            [turn_tokens[b, :count[b]].tolist() for b in active_rows],
+            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        events = {}
+        for b, text in zip(active_rows, texts):
+            action = actions[b]
+            events[b] = TurnEvent(turn=turn, row=int(b), stage="action", text=text,
+                                  action=action.kind, query=action.query, observation=None,
+                                  finish_reason=str(book.finish[b]))
+            on_turn(events[b])
+        return events
+
+    def _report_observations(self, on_turn, reported: dict[int, TurnEvent], rows: list[int],
+                             appended: dict[int, list[int]], book: "RowBook") -> None:
+        """Send the "observation" event of each row that was owed an observation."""
+        decoded = self.tokenizer.batch_decode(
+            [appended[b] for b in rows if b in appended],
+            skip_special_tokens=True, clean_up_tokenization_spaces=False) if appended else []
+        texts = iter(decoded)
+        for b in rows:
+            on_turn(dataclasses.replace(reported[b], stage="observation",
+                                        observation=next(texts) if b in appended else None,
+                                        finish_reason=str(book.finish[b])))
 
     def _search(self, retriever: Retriever, queries: list[tuple[int, str]], turn: int):
         texts = [q for _, q in queries]
@@ -190,14 +274,15 @@ class RolloutDriver:
 
     def _append_observations(self, params, state, observations: dict[int, str], book: "RowBook"):
         """Tokenize, truncate and append the observations; rows whose observation would
-        leave no room for a reply finish instead. Returns (state, number truncated)."""
+        leave no room for a reply finish instead. Returns (state, number truncated, the
+        appended ids by row)."""
         order = sorted(observations)
         ids, num_truncated = observation_ids(self.tokenizer, [observations[b] for b in order],
                                              self.config.max_obs_tokens)
         fits = {b: obs for b, obs in zip(order, ids) if book.length[b] + len(obs) < self.budget}
         book.finish_rows([b for b in order if b not in fits], "context_budget")
         if not fits:
-            return state, num_truncated
+            return state, num_truncated, fits
         tokens = np.full((len(book.length), self.obs_width), self.pad_id, np.int32)
         mask = np.zeros((len(book.length), self.obs_width), np.int32)
         for b, obs in fits.items():
@@ -207,7 +292,7 @@ class RolloutDriver:
         state = jax.block_until_ready(self.engine.append(params, state, tokens, mask,
                                                          lengths=book.length))
         book.length += mask.sum(axis=1)
-        return state, num_truncated
+        return state, num_truncated, fits
 
     def _trajectory(self, state, book: "RowBook", stats: dict[str, float]) -> Trajectory:
         arrays = trajectory_arrays(state.cache.valid, state.cache.length, state.tokens,
