@@ -18,9 +18,11 @@ def get_config():
     c.demo.enabled = True
     c.demo.size = "full"
     c.demo.instruction = "short"  # 49-token prompts instead of 118: half the compute per sequence
-    c.demo.sft_steps = 200
+    c.demo.sft_steps = 450
     c.demo.sft_lr = 3e-3
     c.demo.sft_batch_size = 16
+    c.demo.sft_noisy_steps = 30
+    c.demo.sft_noisy_lr = 3e-4
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
     c.model.remat = False
@@ -37,18 +39,18 @@ def get_config():
     c.algorithm.kl_loss = True
     c.algorithm.kl_coef = 0.001
     c.algorithm.loss_agg_mode = "token_mean"
-    c.optim.actor_lr = 3e-4
+    c.optim.actor_lr = 5e-4
     c.optim.actor_warmup_ratio = 0.05
     c.optim.critic_lr = 1e-3
     c.optim.critic_warmup_ratio = 0.0
     c.optim.weight_decay = 0.0
-    c.trainer.total_steps = 12
+    c.trainer.total_steps = 24
     c.trainer.batch_size = 8
     c.trainer.mini_batch_size = 8
     c.trainer.micro_batch_size = 40
-    c.trainer.eval_every = 6
-    c.trainer.eval_size = 64
-    c.trainer.save_every = 6
+    c.trainer.eval_every = 8
+    c.trainer.eval_size = 0  # all 192 held-out questions
+    c.trainer.save_every = 8
     c.trainer.samples_to_log = 4
     c.mesh.fsdp = -1
     return c

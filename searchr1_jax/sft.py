@@ -72,17 +72,39 @@ def tokenize_trajectory(row: dict, tokenizer, template: str = "base") -> tuple[l
     return ids, mask
 
 
-def pack_batch(examples: Sequence[tuple[list[int], list[int]]], length: int, pad_id: int) -> SequenceBatch:
-    """Right-padded [B, length] arrays; sequences longer than `length` are cut at the end."""
-    b = len(examples)
-    tokens = np.full((b, length), pad_id, np.int32)
-    attn = np.zeros((b, length), np.int32)
-    loss = np.zeros((b, length), np.float32)
-    for i, (ids, mask) in enumerate(examples):
-        n = min(len(ids), length)
-        tokens[i, :n], attn[i, :n], loss[i, :n] = ids[:n], 1, mask[:n]
-    positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
-    return SequenceBatch(jnp.asarray(tokens), jnp.asarray(attn), jnp.asarray(positions), jnp.asarray(loss))
+def pack_batch(examples: Sequence[tuple[list[int], list[int]]], length: int, pad_id: int,
+               row_multiple: int = 1) -> SequenceBatch:
+    """Pack sequences (longest first, each into the first row with room) into right-padded rows of `length` slots: arrays [rows, length].
+
+    Each sequence keeps its own positions (0, 1, …) and attends only to itself: attention_mask
+    holds its 1-based index within the row (0 = padding). Sequences longer than `length` are
+    cut at the end. The number of rows is what the packing needs, rounded up to a multiple of
+    `row_multiple` (fewer distinct shapes to compile).
+    """
+    placed: list[list[tuple[list[int], list[int]]]] = []
+    room: list[int] = []
+    for ids, mask in sorted(examples, key=lambda e: -len(e[0])):  # first-fit decreasing
+        ids, mask = ids[:length], mask[:length]
+        r = next((i for i, free in enumerate(room) if free >= len(ids)), None)
+        if r is None:
+            placed.append([])
+            room.append(length)
+            r = len(placed) - 1
+        placed[r].append((ids, mask))
+        room[r] -= len(ids)
+    rows = -(-len(placed) // row_multiple) * row_multiple
+    tokens = np.full((rows, length), pad_id, np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    loss = np.zeros((rows, length), np.float32)
+    for r, row in enumerate(placed):
+        at = 0
+        for k, (ids, mask) in enumerate(row, 1):
+            n = len(ids)
+            tokens[r, at:at + n], segments[r, at:at + n], loss[r, at:at + n] = ids, k, mask
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+    return SequenceBatch(jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), jnp.asarray(loss))
 
 
 def make_sft_step(graphdef, tx):
@@ -104,9 +126,10 @@ def run_sft(model, tokenizer, rows: Sequence[dict], *, steps: int, lr: float, ba
             max_len: int, seed: int = 0, template: str = "base", show_progress: bool = True):
     """Train `model` (a Decoder) in place on `rows`; returns the per-step losses.
 
-    Batches are drawn without replacement, epoch after epoch, in an order fixed by `seed`;
-    every batch is padded to the bucket (multiple of 64) of its longest sequence, capped at
-    `max_len`.
+    Batches of `batch_size` trajectories are drawn without replacement, epoch after epoch, in
+    an order fixed by `seed`, and packed several to a row (see `pack_batch`): rows are as wide
+    as the longest trajectory (rounded up to 64, capped at `max_len`) and their number is
+    rounded up to a multiple of 2, so only a few shapes compile and little compute is padding.
     """
     from tqdm import tqdm
 
@@ -115,6 +138,7 @@ def run_sft(model, tokenizer, rows: Sequence[dict], *, steps: int, lr: float, ba
     if too_long:
         log.warning("%d of %d trajectories are longer than max_len=%d and are cut", too_long, len(encoded), max_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = min(max_len, -(-max(len(ids) for ids, _ in encoded) // 64) * 64)
     warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
@@ -128,9 +152,8 @@ def run_sft(model, tokenizer, rows: Sequence[dict], *, steps: int, lr: float, ba
         if len(order) < batch_size:
             order.extend(rng.permutation(len(encoded)).tolist())
         idx, order = order[:batch_size], order[batch_size:]
-        chosen = [encoded[i] for i in idx]
-        length = min(max_len, -(-max(len(ids) for ids, _ in chosen) // 64) * 64)
-        params, opt_state, loss = step_fn(params, opt_state, pack_batch(chosen, length, pad_id))
+        batch = pack_batch([encoded[i] for i in idx], width, pad_id, row_multiple=2)
+        params, opt_state, loss = step_fn(params, opt_state, batch)
         losses.append(float(loss))
     nnx.update(model, params)
     return losses

@@ -200,7 +200,9 @@ def test_each_mistake_gives_a_wrong_answer(small_world, retriever, mistake):
         assert not t.correct and t.answer != q.answer and mistake in t.mistakes
         searches = [text for k, text in t.segments if k == POLICY and "<search>" in text]
         if mistake == "no_search":
-            assert t.segments == ((POLICY, f"<think> I know the answer. </think>\n<answer> {t.answer} </answer>"),)
+            relation = q.hops[0].relation
+            assert t.segments == ((POLICY, f"<think> I know the {relation} of {q.subject}. </think>\n"
+                                           f"<answer> {t.answer} </answer>"),)
         if mistake == "wrong_query":
             assert len(searches) == 1 and not searches[0].endswith(f"<search> {q.hops[0].query} </search>")
         if mistake == "stop_early":

@@ -9,9 +9,12 @@ creates ``<cache_dir>/demo-<size>-seed<seed>-<key>/`` holding
 - ``train.parquet``, ``test.parquet``: Search-R1 rows, data_source ``demo_single_hop`` or
   ``demo_two_hop``, one user message holding the instruction and the question;
 - ``sft.jsonl``: behaviour trajectories on the train questions, one per line:
-  ``{"id", "question_id", "data_source", "prompt", "segments": [{"kind": "policy"|"obs",
-  "text"}...], "answer", "golden_answers", "correct", "mistakes"}``. To match a rollout,
-  tokenize the prompt and each segment separately and concatenate the ids;
+  ``{"id", "world", "question_id", "data_source", "prompt", "segments": [{"kind":
+  "policy"|"obs", "text"}...], "answer", "golden_answers", "correct", "mistakes"}``. World 0
+  is the demo's world, played with `noise`; worlds 1… are relabelings of its train split
+  (`DemoSize.sft_worlds`), played with `RELABELED_NOISE` (rare wrong decisions), each searched
+  through a BM25 index of its own. To match a rollout, tokenize the prompt and each
+  segment separately and concatenate the ids;
 - ``tokenizer/``: the demo tokenizer in Hugging Face format;
 - ``model_config.json``: a Qwen2 ``config.json`` for the proposed tiny model (the
   `model_config_kwargs` plus ``model_type`` and ``architectures``);
@@ -50,6 +53,9 @@ from searchr1_jax.rollout import observations as rollout_observations
 logger = logging.getLogger(__name__)
 
 TOPK = 3  # passages per search, as in Search-R1
+# Relabeled worlds are played well, with rare wrong decisions, so that the clean stage of the
+# warm start already knows every word of the noisy episodes ("I know the …").
+RELABELED_NOISE = trajectories.Noise(no_search=0.1, wrong_query=0.0, wrong_answer=0.0, stop_early=0.1)
 INSTRUCTIONS = ("search_r1", "short")
 SHORT_INSTRUCTION = (
     "Answer the question. Think inside <think> and </think>, search with <search> query </search>, "
@@ -62,7 +68,14 @@ _SOURCES = (names, world, trajectories, tokenizer, observation, rollout_observat
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
-    """World dimensions (see `world.make_world`) and SFT trajectories per train question."""
+    """World dimensions (see `world.make_world`) and the number of worlds the SFT data plays.
+
+    `sft_worlds`: one behaviour trajectory per train question in each of the demo's world,
+    played with the build's noise, and `sft_worlds - 1` relabelings of it (`world.relabel`:
+    same names, shuffled facts), played well (`RELABELED_NOISE`). The clean relabeled episodes teach
+    the task (read the retrieved passage rather than recall a memorised fact); the noisy
+    episodes on the demo's own train questions then give the warm start its bad habits.
+    """
 
     num_countries: int
     num_test_countries: int
@@ -70,13 +83,12 @@ class DemoSize:
     persons_per_city: int
     distractor_persons_per_city: int
     num_given_names: int
-    trajectories_per_question: int
+    sft_worlds: int
 
 
 SIZES = {
-    # Enough distinct train questions (1,248) that memorising them is harder than learning to copy.
-    "full": DemoSize(60, 8, 4, 2, 2, 60, trajectories_per_question=4),
-    "small": DemoSize(10, 3, 3, 1, 1, 12, trajectories_per_question=2),
+    "full": DemoSize(60, 8, 4, 2, 2, 60, sft_worlds=8),
+    "small": DemoSize(10, 3, 3, 1, 1, 12, sft_worlds=2),
 }
 
 
@@ -101,7 +113,7 @@ class DemoPaths:
 
 
 def make_demo_world(size: DemoSize, seed: int) -> world.World:
-    dimensions = {k: v for k, v in dataclasses.asdict(size).items() if k != "trajectories_per_question"}
+    dimensions = {k: v for k, v in dataclasses.asdict(size).items() if k != "sft_worlds"}
     return world.make_world(seed, **dimensions)
 
 
@@ -239,12 +251,17 @@ def _build_into(paths: DemoPaths, final_root: Path, size_name: str, seed: int, i
 
     rng = random.Random(seed)
     rows = []
-    train_questions = the_world.questions_of("train")
     with _timed("behaviour trajectories"):
-        for question in tqdm(train_questions, desc="demo: trajectories", unit="question", disable=None):
-            for k in range(size.trajectories_per_question):
-                trajectory = trajectories.behaviour_trajectory(question, the_world, retriever, rng, noise, topk=TOPK)
-                rows.append(_sft_row(question, k, prompt_of[question.id][0]["content"], trajectory))
+        for k, played in enumerate(sft_worlds(the_world, size.sft_worlds, seed)):
+            scratch = paths.root / f".world-{k}"
+            world_retriever = retriever if k == 0 else _MemoRetriever(_scratch_index(played, scratch))
+            questions = played.questions_of("train")
+            for question in tqdm(questions, desc=f"demo: trajectories, world {k}", unit="question", disable=None):
+                trajectory = trajectories.behaviour_trajectory(question, played, world_retriever, rng,
+                                                               noise if k == 0 else RELABELED_NOISE, topk=TOPK)
+                rows.append(_sft_row(question, k, prompt_messages(question.text, instruction)[0]["content"],
+                                     trajectory))
+            shutil.rmtree(scratch, ignore_errors=True)
     _write_jsonl(paths.sft, rows)
 
     with _timed("tokenizer"):
@@ -271,6 +288,21 @@ def _build_into(paths: DemoPaths, final_root: Path, size_name: str, seed: int, i
     logger.info("demo data: built %s in %.1f s", final_root, time.perf_counter() - started)
 
 
+def sft_worlds(the_world: world.World, count: int, seed: int) -> list[world.World]:
+    """The worlds the SFT data plays: `the_world`, then `count - 1` relabelings of its train split."""
+    rng = random.Random(f"{seed}/relabel")
+    return [the_world] + [world.relabel(the_world, rng) for _ in range(count - 1)]
+
+
+def _scratch_index(played: world.World, directory: Path) -> bm25.Bm25Retriever:
+    """A BM25 retriever over `played`'s passages, its files in `directory`."""
+    directory.mkdir(parents=True)
+    corpus = directory / "corpus.jsonl"
+    _write_jsonl(corpus, ({"id": p.id, "contents": p.contents} for p in played.passages))
+    bm25.build_bm25_index(corpus, directory / "bm25", show_progress=False)
+    return bm25.Bm25Retriever.load(directory / "bm25")
+
+
 def _point_index_at(index_dir: Path, corpus: Path) -> None:
     """meta.json records the corpus path it was built from; name the final one, not the staging one."""
     meta_path = index_dir / "meta.json"
@@ -292,9 +324,11 @@ def _examples(questions: Sequence[world.Question], prompt_of: dict) -> list[sche
     return examples
 
 
-def _sft_row(question: world.Question, k: int, prompt_text: str, trajectory: trajectories.Trajectory) -> dict:
+def _sft_row(question: world.Question, world_index: int, prompt_text: str,
+             trajectory: trajectories.Trajectory) -> dict:
     return {
-        "id": f"{question.id}#{k}",
+        "id": f"{world_index}/{question.id}",
+        "world": world_index,
         "question_id": question.id,
         "data_source": question.data_source,
         "prompt": prompt_text,

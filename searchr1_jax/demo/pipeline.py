@@ -3,7 +3,8 @@
 `run_demo(config)` (what `python -m searchr1_jax.train --config=configs/tiny_demo.py` runs):
   1. build (or reuse) the world: corpus, BM25 index, parquet splits, tokenizer, behaviour
      trajectories (`demo.build`);
-  2. warm-start a tiny Qwen2 model by SFT on the noisy trajectories (cached by its settings);
+  2. warm-start a tiny Qwen2 model by SFT: clean episodes, then the noisy behaviour policy
+     (see `warm_start`; cached by its settings);
   3. evaluate the warm start on the held-out questions (greedy);
   4. train with the real trainer (GRPO by default), evaluating as it goes;
   5. write the learning curve (PNG), `summary.json` and a before/after table, export the
@@ -26,28 +27,55 @@ QUESTION_TYPES = {"single_hop": "demo_single_hop", "two_hop": "demo_two_hop"}
 
 
 def warm_start(paths, config: ml_collections.ConfigDict) -> Path:
-    """The SFT'd model directory for this world and these settings (trained once, cached)."""
-    from flax import nnx
+    """The SFT'd model directory for this world and these settings (trained once, cached).
 
-    from searchr1_jax.models import Decoder, load_tokenizer, save_hf
-    from searchr1_jax.models.config import config_from_hf_dict
-    from searchr1_jax.sft import read_trajectories, run_sft
+    Two stages, each cached under a key of its settings:
+      1. `demo.sft_steps` on the relabeled worlds' episodes (world ≥ 1 in sft.jsonl): played
+         well, with facts that differ from world to world, they teach the task itself (search
+         the question's entity, read the answer from the passage, two hops when needed);
+      2. `demo.sft_noisy_steps` on the noisy behaviour policy's episodes on the demo's own train
+         questions (world 0): the bad habits (answering without searching, stopping after one
+         hop of two) of a mediocre starting model, which RL then has to unlearn.
+    """
+    from searchr1_jax.sft import read_trajectories
 
     d = config.demo
-    settings = {"steps": d.sft_steps, "lr": d.sft_lr, "batch": d.sft_batch_size, "seed": config.seed,
-                "model": json.loads(Path(paths.model_config).read_text())}
+    rows = read_trajectories(paths.sft)
+    base = {"seed": config.seed, "batch": d.sft_batch_size, "data": paths.root.name,
+            "model": json.loads(Path(paths.model_config).read_text())}
+    clean_settings = {**base, "steps": d.sft_steps, "lr": d.sft_lr}
+    clean = _sft_stage(paths, config, "warm_start-clean", clean_settings, None,
+                       [r for r in rows if r.get("world", 0) != 0], d.sft_steps, d.sft_lr)
+    noisy_settings = {**clean_settings, "noisy_steps": d.sft_noisy_steps, "noisy_lr": d.sft_noisy_lr}
+    return _sft_stage(paths, config, "warm_start", noisy_settings, clean,
+                      [r for r in rows if r.get("world", 0) == 0], d.sft_noisy_steps, d.sft_noisy_lr)
+
+
+def _sft_stage(paths, config, name: str, settings: dict, start: Path | None, rows, steps: int, lr: float) -> Path:
+    """Train `steps` SFT steps on `rows` from `start` (None: random init); cached by `settings`."""
+    from flax import nnx
+
+    from searchr1_jax.models import Decoder, load_hf, load_tokenizer, save_hf
+    from searchr1_jax.models.config import config_from_hf_dict
+    from searchr1_jax.sft import run_sft
+
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(paths.root) / f"warm_start-{key}"
+    out = Path(paths.root) / f"{name}-{key}"
     if (out / "config.json").is_file():
-        log.info("warm start: reusing %s", out)
+        log.info("%s: reusing %s", name, out)
         return out
-    cfg = config_from_hf_dict(settings["model"])
-    model = Decoder(cfg, rngs=nnx.Rngs(config.seed))
+    if start is None:
+        cfg = config_from_hf_dict(settings["model"])
+        model = Decoder(cfg, rngs=nnx.Rngs(config.seed))
+    else:
+        model, cfg = load_hf(start)
     tokenizer = load_tokenizer(paths.tokenizer)
     t0 = time.perf_counter()
-    losses = run_sft(model, tokenizer, read_trajectories(paths.sft), steps=d.sft_steps, lr=d.sft_lr,
-                     batch_size=d.sft_batch_size, max_len=config.rollout.max_context_tokens, seed=config.seed)
-    log.info("warm start: SFT loss %.3f → %.3f in %.0f s", losses[0], losses[-1], time.perf_counter() - t0)
+    if steps:
+        losses = run_sft(model, tokenizer, rows, steps=steps, lr=lr, batch_size=config.demo.sft_batch_size,
+                         max_len=config.rollout.max_context_tokens, seed=config.seed)
+        log.info("%s: %d steps on %d episodes, loss %.3f → %.3f in %.0f s", name, steps, len(rows), losses[0],
+                 losses[-1], time.perf_counter() - t0)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_hf(model, cfg, staging, tokenizer_dir=paths.tokenizer)

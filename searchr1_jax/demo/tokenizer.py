@@ -85,7 +85,9 @@ def train_tokenizer(texts: Iterable[str]) -> Tokenizer:
         scores.setdefault(symbol, _FALLBACK_SCORE)
     fixed = [EOS_TOKEN, PAD_TOKEN, *TAGS]
     vocab = [(token, 0.0) for token in fixed]
-    vocab += sorted(((p, s) for p, s in scores.items() if p not in fixed), key=lambda item: (-item[1], item[0]))
+    # Ids in piece order, not score order: texts with other word frequencies (another noise
+    # level of the behaviour trajectories) give the same ids, so trained models stay usable.
+    vocab += sorted((p, s) for p, s in scores.items() if p not in fixed)
 
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=None, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -14,7 +14,9 @@ A policy turn ends at ``</search>`` or ``</answer>``, where generation stops in 
 
 Mistakes (`Noise`, each drawn independently where it applies), all ending in a wrong answer:
 
-- no_search: answer at once with a guessed name ("<think> I know the answer. </think>…").
+- no_search: answer at once, echoing the question's entity ("<think> I know the capital of Velo.
+  </think>\n<answer> Velo </answer>"): a guess that is always wrong and, unlike a random
+  name, predictable, so imitating it does not blur the model's copying of names.
 - wrong_query: a search whose subject name has one syllable changed (BM25 then misses the
   passage); the model answers with a name from the useless results.
 - wrong_answer: after a search, read the wrong name from the results (in a two-hop question a
@@ -44,9 +46,9 @@ ANSWER_KIND = {"capital": "city", "country": "country", "birthplace": "city"}
 class Noise:
     """Probability of each mistake where it can happen (see the module docstring)."""
 
-    no_search: float = 0.4
-    wrong_query: float = 0.25
-    wrong_answer: float = 0.3
+    no_search: float = 0.6
+    wrong_query: float = 0.05
+    wrong_answer: float = 0.05
     stop_early: float = 0.6
 
     def __post_init__(self):
@@ -75,6 +77,12 @@ class Trajectory:
 
 def plan(relation: str, subject: str) -> str:
     return f"I need to find the {relation} of {subject}."
+
+
+def guessed(relation: str, subject: str) -> str:
+    """The thought of an episode that answers without searching; it differs from `plan` from its
+    second word on, so one token decides whether the model searches."""
+    return f"I know the {relation} of {subject}."
 
 
 def found(relation: str, subject: str, answer: str) -> str:
@@ -155,8 +163,9 @@ def behaviour_trajectory(
     relations = [hop.relation for hop in question.hops]
     if rng.random() < noise.no_search:
         episode.mistakes.append("no_search")
-        guess = episode.wrong_name(ANSWER_KIND[relations[-1]], question.answer, from_results=False)
-        return episode.finish(think_text("I know the answer.") + answer_text(guess), guess)
+        # A lazy guess: the entity the question names (never the answer).
+        return episode.finish(think_text(guessed(relations[0], question.subject)) + answer_text(question.subject),
+                              question.subject)
 
     subject = question.subject
     thought = [plan(relations[0], subject)]

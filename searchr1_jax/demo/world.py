@@ -218,6 +218,11 @@ def make_world(
                     person = f"{rng.choice(given_names)} {names.word()}"
                     persons.append(Person(person, rng.choice(OCCUPATIONS), city, split, asked=k < persons_per_city))
 
+    return assemble_world(seed, countries, cities, persons, rng)
+
+
+def assemble_world(seed: int, countries, cities, persons, rng: random.Random) -> World:
+    """The passages (one per entity, in entity order) and the shuffled, numbered questions."""
     stated = [(c.name, COUNTRY_TEXT.format(name=c.name, capital=c.capital), (c.name, c.capital)) for c in countries]
     stated += [(c.name, CITY_TEXT.format(name=c.name, country=c.country), (c.name, c.country)) for c in cities]
     stated += [
@@ -253,3 +258,27 @@ def make_world(
         in_split = [q for q in questions if q.split == split]
         numbered += [dataclasses.replace(q, id=f"{split}-{i}") for i, q in enumerate(in_split)]
     return dataclasses.replace(world, questions=tuple(numbered))
+
+
+def relabel(world: World, rng: random.Random) -> World:
+    """A world of the train split only, with the same names and wording but other facts.
+
+    Each kind's train names are shuffled among the entities of that kind, so "Velo" may now
+    be the country whose capital is "Kuko". The warm start trains on several relabelings:
+    a fact it memorised from one is wrong in the next, so only reading the retrieved passage
+    predicts the answer, which is what held-out questions need. Test entities are left out.
+    """
+    def shuffled(names: list[str]) -> dict[str, str]:
+        targets = list(names)
+        rng.shuffle(targets)
+        return dict(zip(names, targets))
+
+    train = [e for e in (*world.countries, *world.cities, *world.persons) if e.split == "train"]
+    country = shuffled([e.name for e in train if isinstance(e, Country)])
+    city = shuffled([e.name for e in train if isinstance(e, City)])
+    person = shuffled([e.name for e in train if isinstance(e, Person)])
+    countries = [Country(country[e.name], city[e.capital], "train") for e in train if isinstance(e, Country)]
+    cities = [City(city[e.name], country[e.country], "train") for e in train if isinstance(e, City)]
+    persons = [Person(person[e.name], e.occupation, city[e.birthplace], "train", e.asked)
+               for e in train if isinstance(e, Person)]
+    return assemble_world(world.seed, countries, cities, persons, rng)

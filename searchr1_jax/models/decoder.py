@@ -26,10 +26,17 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-    """[B, T, T] bool: query t sees real keys s <= t."""
+    """[B, T, T] bool: query t sees real keys s <= t of its own sequence.
+
+    attention_mask [B, T]: 0 for padding, else the id of the packed sequence the token belongs
+    to (a plain 0/1 mask is one sequence per row). Packed sequences never see each other; a
+    padding query sees every real key before it (its output is never used).
+    """
     t = attention_mask.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & attention_mask.astype(bool)[:, None, :]
+    segment = attention_mask.astype(jnp.int32)
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, :, None] == 0)
+    return causal[None] & (segment > 0)[:, None, :] & same
 
 
 class Attention(nnx.Module):
