@@ -2,9 +2,12 @@
 
   python -m searchr1_jax.train --config=configs/tiny_demo.py
 
-Builds the world (cached under .cache/demo), warm-starts a tiny Qwen2 model on noisy
-trajectories, trains it with GRPO against the project's BM25 retriever, and writes
-runs/tiny_demo/{learning_curve.png, summary.json, metrics.jsonl, export/}.
+Builds the world (cached under .cache/demo), warm-starts a tiny Qwen2 model in two SFT stages
+(450 steps of clean episodes in relabeled copies of the world, then 30 steps of a noisy
+behaviour policy that often answers without searching and stops after one hop of two),
+trains it for 24 GRPO steps against the project's BM25 retriever, evaluates all 192 held-out
+questions greedily every 8 steps, and writes runs/tiny_demo/{learning_curve.png,
+summary.json, metrics.jsonl, export/}.
 PPO variant: --config.algorithm.name=ppo --config.algorithm.kl_in_reward=True
 --config.algorithm.kl_loss=False --config.rollout.n_samples=1
 """
