@@ -1,6 +1,7 @@
 """Memory estimate: against bytes really allocated on 8 simulated devices, and against
 parameter and KV-cache sizes counted by hand for Qwen2.5-3B / 7B."""
 import collections
+import gc
 import logging
 
 import jax
@@ -30,6 +31,7 @@ def _cfg(fields):
 
 
 def _bytes_per_device():
+    gc.collect()  # arrays that earlier tests left in reference cycles would vanish mid-count
     totals = collections.Counter()
     for array in jax.live_arrays():
         for shard in array.addressable_shards:
