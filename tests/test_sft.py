@@ -1,7 +1,6 @@
 """SFT: packing several trajectories into one row changes nothing but the cost; masks and training."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,11 +23,15 @@ def tokenizer(world):
     return load_tokenizer(world["paths"].tokenizer)
 
 
-@pytest.fixture(scope="module")
-def model(world):
+def tiny_decoder(world, seed: int) -> Decoder:
     raw = json.loads(world["paths"].model_config.read_text())
     raw.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    return Decoder(config_from_hf_dict(raw), rngs=nnx.Rngs(3))
+    return Decoder(config_from_hf_dict(raw), rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def model(world):
+    return tiny_decoder(world, 3)
 
 
 def one_per_row(examples, length, pad_id):
@@ -83,9 +86,7 @@ def test_pack_batch_cuts_long_sequences_and_pads_rows(tokenizer):
 
 
 def test_run_sft_lowers_the_loss(world, tokenizer):
-    raw = json.loads(world["paths"].model_config.read_text())
-    raw.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    fresh = Decoder(config_from_hf_dict(raw), rngs=nnx.Rngs(0))
+    fresh = tiny_decoder(world, 0)
     losses = run_sft(fresh, tokenizer, read_trajectories(world["paths"].sft), steps=30, lr=3e-3, batch_size=8,
                      max_len=640, show_progress=False)
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])

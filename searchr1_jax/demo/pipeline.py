@@ -37,27 +37,24 @@ def warm_start(paths, config: ml_collections.ConfigDict) -> Path:
          questions (world 0): the bad habits (answering without searching, stopping after one
          hop of two) of a mediocre starting model, which RL then has to unlearn.
     """
-    from searchr1_jax.sft import read_trajectories
-
     d = config.demo
-    rows = read_trajectories(paths.sft)
     base = {"seed": config.seed, "batch": d.sft_batch_size, "data": paths.root.name,
             "model": json.loads(Path(paths.model_config).read_text())}
     clean_settings = {**base, "steps": d.sft_steps, "lr": d.sft_lr}
-    clean = _sft_stage(paths, config, "warm_start-clean", clean_settings, None,
-                       [r for r in rows if r.get("world", 0) != 0], d.sft_steps, d.sft_lr)
+    clean = _sft_stage(paths, config, "warm_start-clean", clean_settings, None, False, d.sft_steps, d.sft_lr)
     noisy_settings = {**clean_settings, "noisy_steps": d.sft_noisy_steps, "noisy_lr": d.sft_noisy_lr}
-    return _sft_stage(paths, config, "warm_start", noisy_settings, clean,
-                      [r for r in rows if r.get("world", 0) == 0], d.sft_noisy_steps, d.sft_noisy_lr)
+    return _sft_stage(paths, config, "warm_start", noisy_settings, clean, True, d.sft_noisy_steps, d.sft_noisy_lr)
 
 
-def _sft_stage(paths, config, name: str, settings: dict, start: Path | None, rows, steps: int, lr: float) -> Path:
-    """Train `steps` SFT steps on `rows` from `start` (None: random init); cached by `settings`."""
+def _sft_stage(paths, config, name: str, settings: dict, start: Path | None, noisy: bool, steps: int,
+               lr: float) -> Path:
+    """Train `steps` SFT steps from `start` (None: random init) on the episodes of world 0
+    (`noisy`) or of the relabeled worlds; cached by `settings`, so a cached stage reads nothing."""
     from flax import nnx
 
     from searchr1_jax.models import Decoder, load_hf, load_tokenizer, save_hf
     from searchr1_jax.models.config import config_from_hf_dict
-    from searchr1_jax.sft import run_sft
+    from searchr1_jax.sft import read_trajectories, run_sft
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(paths.root) / f"{name}-{key}"
@@ -72,6 +69,7 @@ def _sft_stage(paths, config, name: str, settings: dict, start: Path | None, row
     tokenizer = load_tokenizer(paths.tokenizer)
     t0 = time.perf_counter()
     if steps:
+        rows = [r for r in read_trajectories(paths.sft) if (r["world"] == 0) == noisy]
         losses = run_sft(model, tokenizer, rows, steps=steps, lr=lr, batch_size=config.demo.sft_batch_size,
                          max_len=config.rollout.max_context_tokens, seed=config.seed)
         log.info("%s: %d steps on %d episodes, loss %.3f → %.3f in %.0f s", name, steps, len(rows), losses[0],

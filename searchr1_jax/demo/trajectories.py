@@ -127,7 +127,7 @@ class _Episode:
         self.segments += [(POLICY, policy_text), (OBS, wrap_information(format_passages(passages)))]
         self.seen = [name for p in passages for name in self.world.mentions[self.world.passage_index(p.id)]]
 
-    def wrong_name(self, kind: str, truth: str, from_results: bool, then: Sequence[str] = ()) -> str:
+    def wrong_name(self, kind: str, truth: str, then: Sequence[str] = ()) -> str:
         """A `kind` entity of the question's split other than `truth`, from the last results if any.
 
         `then`: the relations still to follow from the name; names from which they would
@@ -137,7 +137,7 @@ class _Episode:
             n for n in self.world.entity_names(self.question.split, kind)
             if n != truth and _follow(self.world, n, then) != self.question.answer
         ]
-        seen = sorted(set(self.seen) & set(names)) if from_results else []
+        seen = sorted(set(self.seen) & set(names))
         return self.rng.choice(seen or names)
 
     def finish(self, policy_text: str, answer: str) -> Trajectory:
@@ -183,7 +183,7 @@ def behaviour_trajectory(
             episode.mistakes.append("wrong_answer")
         if garbled or misread:
             then = () if garbled else relations[number + 1 :]
-            read = episode.wrong_name(ANSWER_KIND[relation], truth, from_results=True, then=then)
+            read = episode.wrong_name(ANSWER_KIND[relation], truth, then=then)
         else:
             read = truth
         last = number == len(relations) - 1
