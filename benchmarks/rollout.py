@@ -76,8 +76,9 @@ from searchr1_jax.rollout.stops import (STOP_ANSWER, STOP_EOS, STOP_LENGTH, STOP
 # Per size: the Qwen2 config and how strongly "<search>" is boosted (chosen so that a turn
 # has ~50-70 policy tokens and ~60% of turns search, at both sizes).
 SIZES = {
-    # The demo-sized model of the issue (hidden 256, 4 layers, vocab ~2k).
-    "tiny": dict(search_boost=2.0, vocab_size=2048, hidden_size=256, intermediate_size=1024,
+    # The shape of the demo's model (searchr1_jax/demo/build.py: hidden 128, 4 layers, 4 / 2
+    # heads), with the benchmark tokenizer's vocabulary and an untied head (edited apart).
+    "tiny": dict(search_boost=2.0, vocab_size=2048, hidden_size=128, intermediate_size=384,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  tie_word_embeddings=False),
     # ~98M parameters, Qwen2-shaped (GQA 12/2); ids past the tokenizer's 2k are never

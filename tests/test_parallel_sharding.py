@@ -327,7 +327,10 @@ def test_sharded_optimizer_step_matches_unsharded(tiny, single_device_steps, pre
         got = _params_by_path_state(got)
         assert got.keys() == want.keys()
         for path in want:
-            np.testing.assert_allclose(got[path], want[path], atol=1e-5, rtol=0, err_msg=path)
+            # Adam divides by the root of the second moment, so a parameter whose gradient is
+            # near zero moves by ~lr whatever its size: float-order noise in such a gradient
+            # (sharded sums add in another order) shows as up to ~2e-5 here, well below `moved`.
+            np.testing.assert_allclose(got[path], want[path], atol=5e-5, rtol=0, err_msg=path)
     # The Adam moments live where their parameters live; the step count is replicated.
     adam = opt_state[0]
     for (path, mu), (_, nu) in zip(nnx.to_flat_state(adam.mu), nnx.to_flat_state(adam.nu)):
@@ -367,7 +370,7 @@ def test_kv_cache_sharded_extend_matches_single_device(tiny):
     graphdef, params = nnx.split(model, nnx.Param)
     cache = model.init_cache(8, 16)
     c_sh = parallel.cache_shardings(cache, mesh, rules)
-    assert c_sh.keys[0].spec == P(("data", "fsdp"), None, "tensor", None)
+    assert c_sh.keys[0].spec == P(("data", "fsdp"), "tensor", None, None)
     assert c_sh.valid.spec == P(("data", "fsdp"), None) and c_sh.length.spec == P(("data", "fsdp"))
     batch = parallel.batch_sharding(mesh, rules)
     run = jax.jit(lambda p, c, t, m: prefill(graphdef, p, c, t, m),
@@ -375,7 +378,7 @@ def test_kv_cache_sharded_extend_matches_single_device(tiny):
                   out_shardings=(parallel.logits_sharding(mesh, rules, (8, 12, TINY["vocab_size"])), c_sh),
                   donate_argnums=1)
     logits, new_cache = run(params, jax.device_put(cache, c_sh), *parallel.shard_batch((tokens, mask), mesh, rules))
-    assert new_cache.keys[0].sharding.spec == P(("data", "fsdp"), None, "tensor", None)
+    assert new_cache.keys[0].sharding.spec == P(("data", "fsdp"), "tensor", None, None)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(new_cache.values[0]), np.asarray(want_cache.values[0]), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(new_cache.length), np.asarray(want_cache.length))

@@ -8,6 +8,10 @@ right padding in an appended chunk cost slots but change nothing.
 
 Slot order is time order within a row, so "slot s is not in the future of the query at
 slot q" is simply `s <= q`.
+
+Keys and values are stored head-major ([B, KVH, S, D]): attention contracts each head's
+slots, so this is the layout its matmuls read without a transpose (on CPU, transposing the
+whole cache at every decode step cost more than the attention itself).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-    """keys/values: one [B, S, KVH, D] array per layer; valid: [B, S] bool; length: [B] int32."""
+    """keys/values: one [B, KVH, S, D] array per layer; valid: [B, S] bool; length: [B] int32."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -28,7 +32,7 @@ class KVCache:
     @classmethod
     def create(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
                head_dim: int, dtype) -> "KVCache":
-        shape = (batch, capacity, num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, capacity, head_dim)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
@@ -49,13 +53,14 @@ class KVCache:
         return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), self)
 
 
-def write_rows(buffer: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
-    """buffer [B, S, ...] with chunk [B, C, ...] written at slots start[b] … start[b]+C-1.
+def write_rows(buffer: jax.Array, chunk: jax.Array, start: jax.Array, slot_axis: int = 1) -> jax.Array:
+    """buffer [B, ...] with chunk [B, ...] written along `slot_axis` at slots start[b] …
+    start[b]+C-1 of each row b (C: the chunk's size on that axis; other axes match).
 
     The caller guarantees start + C <= S (dynamic_update_slice would clamp otherwise).
     """
     def one_row(row, piece, s):
-        return jax.lax.dynamic_update_slice_in_dim(row, piece, s, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(row, piece, s, axis=slot_axis - 1)
 
     return jax.vmap(one_row)(buffer, chunk.astype(buffer.dtype), start)
 

@@ -226,7 +226,7 @@ def estimate_memory(model_cfg: ModelConfig, mesh: Mesh | Mapping[str, int], rule
 
     w = workload
     b, s = w.rollout_batch, w.cache_length
-    kv = _per_device((b, s, cfg.num_kv_heads, cfg.head_dim), ("batch", "length", "act_kv_heads", "head_dim"),
+    kv = _per_device((b, cfg.num_kv_heads, s, cfg.head_dim), ("batch", "act_kv_heads", "length", "head_dim"),
                      rules, mesh_shape, p.cache_dtype)
     kv_meta = (_per_device((b, s), ("batch", "length"), rules, mesh_shape, jnp.bool_)
                + _per_device((b,), ("batch",), rules, mesh_shape, jnp.int32))

@@ -166,7 +166,7 @@ def shard_batch(tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules,
                     fallbacks: list[Fallback] | None = None) -> KVCache:
-    """A KVCache of NamedShardings: keys/values [B, S, KVH, D] over batch and kv heads,
+    """A KVCache of NamedShardings: keys/values [B, KVH, S, D] over batch and kv heads,
     valid [B, S] and length [B] over batch."""
     def spec_of(axes: tuple[str, ...], name: str) -> Callable[[jax.Array], NamedSharding]:
         def one(x):
@@ -175,7 +175,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules,
                                                        fallbacks=fallbacks))
         return one
 
-    kv = spec_of(("batch", "length", "act_kv_heads", "head_dim"), "kv_cache")
+    kv = spec_of(("batch", "act_kv_heads", "length", "head_dim"), "kv_cache")
     return KVCache(keys=tuple(kv(k) for k in cache.keys), values=tuple(kv(v) for v in cache.values),
                    valid=spec_of(("batch", "length"), "kv_cache/valid")(cache.valid),
                    length=spec_of(("batch",), "kv_cache/length")(cache.length))

@@ -11,9 +11,9 @@ Slots: the cache holds `capacity` slots per row; a row never holds more than `bu
 tokens, and the slots above the budget are scratch room so that a chunk appended to every
 row at once (finished rows get an all-padding chunk there) never runs past the end.
 
-Decode runs one `lax.while_loop` per turn over `decode_step.decode_step` (the cache held
-head-major for the turn); prefill and observations go through the decoder's own chunked
-append (`extend_hidden`), in pieces of APPEND_PIECE tokens.
+Decode runs one `lax.while_loop` per turn, each step a one-token append; prefill and
+observations append in pieces of APPEND_PIECE tokens. Both go through the decoder's own
+chunked append (`extend_hidden`).
 
 Windows: every call works on the first `window` slots only (a static multiple of
 WINDOW_STEP that the caller picks to cover every row's next writes), so attention reads the
@@ -34,7 +34,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from searchr1_jax.models.decoder import Decoder
 from searchr1_jax.models.kv_cache import (KVCache, chunk_attention_mask, chunk_extent,
                                           chunk_positions, write_rows)
-from searchr1_jax.rollout.decode_step import HeadMajorCache, decode_step
 from searchr1_jax.rollout.sampling import SamplingParams, sample_tokens
 from searchr1_jax.rollout.stops import (NOT_STOPPED, STOP_EOS, STOP_LENGTH, StopTable,
                                         stop_step)
@@ -84,8 +83,8 @@ def slot_window(state: RolloutState, width: int) -> RolloutState:
     """The state restricted to slots [0, width) (next_logits and lengths unchanged)."""
     cache = state.cache
     return RolloutState(
-        cache=KVCache(keys=tuple(k[:, :width] for k in cache.keys),
-                      values=tuple(v[:, :width] for v in cache.values),
+        cache=KVCache(keys=tuple(k[:, :, :width] for k in cache.keys),
+                      values=tuple(v[:, :, :width] for v in cache.values),
                       valid=cache.valid[:, :width], length=cache.length),
         next_logits=state.next_logits, tokens=state.tokens[:, :width],
         logprobs=state.logprobs[:, :width], policy=state.policy[:, :width])
@@ -93,13 +92,16 @@ def slot_window(state: RolloutState, width: int) -> RolloutState:
 
 def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
     """`full` with its first slots, next_logits and lengths replaced by those of `part`."""
-    def put(whole, piece):
-        return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=1)
+    def put(whole, piece, axis=1):
+        return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=axis)
+
+    def put_heads(whole, piece):  # keys / values [R, KVH, S, D]
+        return put(whole, piece, axis=2)
 
     cache, new = full.cache, part.cache
     return RolloutState(
-        cache=KVCache(keys=tuple(map(put, cache.keys, new.keys)),
-                      values=tuple(map(put, cache.values, new.values)),
+        cache=KVCache(keys=tuple(map(put_heads, cache.keys, new.keys)),
+                      values=tuple(map(put_heads, cache.values, new.values)),
                       valid=put(cache.valid, new.valid), length=new.length),
         next_logits=part.next_logits, tokens=put(full.tokens, part.tokens),
         logprobs=put(full.logprobs, part.logprobs), policy=put(full.policy, part.policy))
@@ -265,9 +267,7 @@ class RolloutEngine:
     def _decode_impl(self, params, stop_packed, eos_ids, full_state, active, key, search_enabled,
                      window):
         model = nnx.merge(self.graphdef, params)
-        windowed = slot_window(full_state, window)
-        # The loop carries the cache head-major (see decode_step); the rest of the state as is.
-        state = windowed.replace(cache=HeadMajorCache.from_cache(windowed.cache))
+        state = slot_window(full_state, window)
         rows, max_new = active.shape[0], self.max_new_tokens
         limit = jnp.minimum(max_new, self.budget - state.cache.length)
         active = active & (limit > 0)
@@ -293,7 +293,10 @@ class RolloutEngine:
                                           jnp.where(new_count >= limit, STOP_LENGTH, NOT_STOPPED)))
             at_slot = active[:, None] & (slots[None, :] == state.cache.length[:, None])
             at_turn = active[:, None] & (turn_slots[None, :] == count[:, None])
-            logits, cache = decode_step(model, token, active, state.cache)
+            # Inactive rows append padding: they neither advance nor gain a valid slot.
+            hidden, cache = extend_hidden(model, token[:, None], active[:, None].astype(jnp.int32),
+                                          state.cache)
+            logits = model.logits(hidden[:, 0])
             state = RolloutState(
                 cache=cache,
                 next_logits=jnp.where(active[:, None], logits, state.next_logits),
@@ -307,6 +310,5 @@ class RolloutEngine:
             return carry
 
         state, _, _, outcome, count, turn_tokens, _ = jax.lax.while_loop(cond, body, init)
-        state = state.replace(cache=state.cache.to_cache())
         state = self._constrain(merge_window(full_state, state))
         return state, TurnResult(outcome=outcome, count=count, turn_tokens=turn_tokens)
