@@ -6,7 +6,8 @@ so the HF key map in `hf_io.py` reads as a plain table.
 Call modes of `Decoder`:
   * `model(tokens, attention_mask)` → logits [B, T, V] (training / scoring);
   * `model.extend(tokens, token_mask, cache)` → (logits [B, C, V], cache): prefill a prompt
-    or append any chunk (one decoded token, an observation) to each row's cache.
+    or append any chunk (one decoded token, an observation) to each row's cache;
+    `model.extend_hidden` does the same and returns final hidden states instead of logits.
 """
 from __future__ import annotations
 
@@ -184,14 +185,19 @@ class Decoder(nnx.Module):
         Row b's chunk is written at slots cache.length[b] …; each row needs
         cache.length + C <= capacity. Returns (logits float32 [B, C, V], updated cache).
         """
+        hidden, new_cache = self.extend_hidden(tokens, token_mask, cache)
+        return self.logits(hidden), new_cache
+
+    def extend_hidden(self, tokens, token_mask, cache: KVCache):
+        """`extend` returning final hidden states [B, C, E] instead of logits, so a caller can
+        project only the positions whose next token it needs (a [B, C, V] logits array of a
+        long chunk does not fit at a 150k vocabulary)."""
         start = cache.length
         positions = chunk_positions(cache.valid, token_mask)
         valid = write_rows(cache.valid, token_mask.astype(bool), start)
         mask = chunk_attention_mask(valid, start, tokens.shape[1])
         hidden, (keys, values) = self.model(tokens, positions, mask, cache, start)
-        new_cache = KVCache(keys=keys, values=values, valid=valid,
-                            length=start + chunk_extent(token_mask))
-        return self.logits(hidden), new_cache
+        return hidden, KVCache(keys=keys, values=values, valid=valid, length=start + chunk_extent(token_mask))
 
 
 class ValueModel(nnx.Module):

@@ -13,7 +13,7 @@ row at once (finished rows get an all-padding chunk there) never runs past the e
 
 Decode runs one `lax.while_loop` per turn, each step a one-token append; prefill and
 observations append in pieces of APPEND_PIECE tokens. Both go through the decoder's own
-chunked append (`extend_hidden`).
+chunked append (`Decoder.extend_hidden`).
 
 Windows: every call works on the first `window` slots only (a static multiple of
 WINDOW_STEP that the caller picks to cover every row's next writes), so attention reads the
@@ -32,8 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from searchr1_jax.models.decoder import Decoder
-from searchr1_jax.models.kv_cache import (KVCache, chunk_attention_mask, chunk_extent,
-                                          chunk_positions, write_rows)
+from searchr1_jax.models.kv_cache import KVCache, chunk_extent, write_rows
 from searchr1_jax.rollout.sampling import SamplingParams, sample_tokens
 from searchr1_jax.rollout.stops import (NOT_STOPPED, STOP_EOS, STOP_LENGTH, StopTable,
                                         stop_step)
@@ -95,7 +94,7 @@ def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
     def put(whole, piece, axis=1):
         return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=axis)
 
-    def put_heads(whole, piece):  # keys / values [R, KVH, S, D]
+    def put_heads(whole, piece):  # keys / values [R, KVH, S, D]: slots on axis 2
         return put(whole, piece, axis=2)
 
     cache, new = full.cache, part.cache
@@ -105,19 +104,6 @@ def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
                       valid=put(cache.valid, new.valid), length=new.length),
         next_logits=part.next_logits, tokens=put(full.tokens, part.tokens),
         logprobs=put(full.logprobs, part.logprobs), policy=put(full.policy, part.policy))
-
-
-def extend_hidden(model: Decoder, tokens, token_mask, cache: KVCache):
-    """`Decoder.extend` that returns final hidden states [B, C, E] instead of logits, so that
-    only the positions whose next token is needed are projected onto the vocabulary (a full
-    [B, C, V] logits array of a long chunk does not fit at a 150k vocabulary)."""
-    start = cache.length
-    positions = chunk_positions(cache.valid, token_mask)
-    valid = write_rows(cache.valid, token_mask.astype(bool), start)
-    mask = chunk_attention_mask(valid, start, tokens.shape[1])
-    hidden, (keys, values) = model.model(tokens, positions, mask, cache, start)
-    return hidden, KVCache(keys=keys, values=values, valid=valid,
-                           length=start + chunk_extent(token_mask))
 
 
 class RolloutEngine:
@@ -243,7 +229,7 @@ class RolloutEngine:
 
             def extend(carry):
                 cache, last_hidden = carry
-                hidden, cache = extend_hidden(model, piece_tokens, piece_mask, cache)
+                hidden, cache = model.extend_hidden(piece_tokens, piece_mask, cache)
                 index = jnp.clip(last - offset, 0, piece - 1)
                 at_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
                 here = (last >= offset) & (last < offset + piece)
@@ -294,8 +280,8 @@ class RolloutEngine:
             at_slot = active[:, None] & (slots[None, :] == state.cache.length[:, None])
             at_turn = active[:, None] & (turn_slots[None, :] == count[:, None])
             # Inactive rows append padding: they neither advance nor gain a valid slot.
-            hidden, cache = extend_hidden(model, token[:, None], active[:, None].astype(jnp.int32),
-                                          state.cache)
+            hidden, cache = model.extend_hidden(token[:, None], active[:, None].astype(jnp.int32),
+                                                state.cache)
             logits = model.logits(hidden[:, 0])
             state = RolloutState(
                 cache=cache,
