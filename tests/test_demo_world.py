@@ -115,6 +115,34 @@ def test_two_hop_questions_need_two_different_passages(small_world):
         assert q.answer not in q.text
 
 
+def test_renamed_world_keeps_the_facts_under_fresh_names_and_never_uses_a_test_word(small_world):
+    renamed = world.rename(small_world, random.Random(3))
+    assert renamed == world.rename(small_world, random.Random(3))
+    train = [e for e in (*small_world.countries, *small_world.cities, *small_world.persons) if e.split == "train"]
+    new = [*renamed.countries, *renamed.cities, *renamed.persons]
+    assert len(new) == len(train) and all(e.split == "train" for e in new)
+    # One word map for the whole world: the renamed entity i is the old entity i.
+    word_map = {}
+    for old, fresh in zip(train, new):
+        for a, b in zip(old.name.split(" "), fresh.name.split(" ")):
+            assert word_map.setdefault(a, b) == b  # shared given names stay shared
+    assert len(set(word_map.values())) == len(word_map)
+    for old, fresh in zip(train, new):
+        if isinstance(old, world.Country):
+            assert renamed.fact("capital", fresh.name) == word_map[old.capital]
+        elif isinstance(old, world.City):
+            assert renamed.fact("country", fresh.name) == word_map[old.country]
+        else:
+            assert renamed.fact("birthplace", fresh.name) == word_map[old.birthplace]
+            assert fresh.occupation == old.occupation and fresh.asked == old.asked
+    test_words = {w.lower() for n in small_world.entity_names("test") for w in n.split(" ")}
+    assert not test_words & {w.lower() for w in renamed.name_words}
+    assert not renamed.questions_of("test")
+    assert len(renamed.questions) == len(small_world.questions_of("train"))
+    # Fresh words: most differ from the names they replace.
+    assert sum(a != b for a, b in word_map.items()) >= 0.9 * len(word_map)
+
+
 def test_hand_checked_question_texts(small_world):
     country = small_world.countries[0]
     q = next(q for q in small_world.questions if q.qtype == "capital" and q.subject == country.name)

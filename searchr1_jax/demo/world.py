@@ -260,25 +260,29 @@ def assemble_world(seed: int, countries, cities, persons, rng: random.Random) ->
     return dataclasses.replace(world, questions=tuple(numbered))
 
 
-def relabel(world: World, rng: random.Random) -> World:
-    """A world of the train split only, with the same names and wording but other facts.
+def rename(world: World, rng: random.Random) -> World:
+    """A world of the train split only, with the same facts and wording but fresh names.
 
-    Each kind's train names are shuffled among the entities of that kind, so "Velo" may now
-    be the country whose capital is "Kuko". The warm start trains on several relabelings:
-    a fact it memorised from one is wrong in the next, so only reading the retrieved passage
-    predicts the answer, which is what held-out questions need. Test entities are left out.
+    Every word of every train name is replaced by a new two-syllable word drawn from all
+    syllables (a given name shared by several people stays shared); no new word is a word of
+    any test name or of the templates. The warm start trains on several renamings: their names
+    are new combinations of syllables, as held-out names are, so a model can only answer by
+    copying the retrieved name syllable by syllable. On the demo's own names (a renaming that
+    keeps them) it learns instead to complete a name's first syllable from memory, which turns
+    the held-out "Lide" into the familiar "Lilo".
     """
-    def shuffled(names: list[str]) -> dict[str, str]:
-        targets = list(names)
-        rng.shuffle(targets)
-        return dict(zip(names, targets))
+    test_words = {w.lower() for name in world.entity_names("test") for w in name.split(" ")}
+    names = NameGenerator(rng, _reserved_words() | test_words)
+    fresh: dict[str, str] = {}
 
-    train = [e for e in (*world.countries, *world.cities, *world.persons) if e.split == "train"]
-    country = shuffled([e.name for e in train if isinstance(e, Country)])
-    city = shuffled([e.name for e in train if isinstance(e, City)])
-    person = shuffled([e.name for e in train if isinstance(e, Person)])
-    countries = [Country(country[e.name], city[e.capital], "train") for e in train if isinstance(e, Country)]
-    cities = [City(city[e.name], country[e.country], "train") for e in train if isinstance(e, City)]
-    persons = [Person(person[e.name], e.occupation, city[e.birthplace], "train", e.asked)
-               for e in train if isinstance(e, Person)]
+    def new(name: str) -> str:
+        for word in name.split(" "):
+            if word not in fresh:
+                fresh[word] = names.word()
+        return " ".join(fresh[w] for w in name.split(" "))
+
+    countries = [Country(new(c.name), new(c.capital), "train") for c in world.countries if c.split == "train"]
+    cities = [City(new(c.name), new(c.country), "train") for c in world.cities if c.split == "train"]
+    persons = [Person(new(p.name), p.occupation, new(p.birthplace), "train", p.asked)
+               for p in world.persons if p.split == "train"]
     return assemble_world(world.seed, countries, cities, persons, rng)
