@@ -3,7 +3,7 @@
   python -m searchr1_jax.train --config=configs/tiny_demo.py
 
 Builds the world (cached under .cache/demo), warm-starts a tiny Qwen2 model in two SFT stages
-(600 steps of clean episodes in relabeled copies of the world, then 30 steps of a noisy
+(1000 steps of clean episodes in relabeled and renamed copies of the world, then 30 steps of a noisy
 behaviour policy that often answers without searching and stops after one hop of two),
 trains it for 16 GRPO steps against the project's BM25 retriever, evaluates all 192 held-out
 questions greedily every 8 steps, and writes runs/tiny_demo/{learning_curve.png,
@@ -23,9 +23,11 @@ def get_config():
     c.demo.enabled = True
     c.demo.size = "full"
     c.demo.instruction = "short"  # 49-token prompts instead of 118: half the compute per sequence
-    c.demo.sft_steps = 600
-    c.demo.sft_lr = 1.5e-3  # 3e-3 ended stage 1 at 5x the loss and copied names far worse
-    c.demo.sft_batch_size = 16
+    # Copying names out of passages appears abruptly, after 600-900 steps of 8 episodes; smaller
+    # batches (more updates for the same compute) and lr 1e-3 bring it earlier (benchmarks/README.md).
+    c.demo.sft_steps = 1000
+    c.demo.sft_lr = 1e-3
+    c.demo.sft_batch_size = 8
     c.demo.sft_noisy_steps = 30
     c.demo.sft_noisy_lr = 3e-4
     c.model.param_dtype = "float32"

@@ -125,9 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.size = "full"  # "full" (the README's demo) or "small" (the test variant)
     c.demo.cache_dir = ".cache/demo"
     c.demo.instruction = "search_r1"  # Search-R1's prompt word for word, or "short"
-    c.demo.sft_steps = 600  # warm start, stage 1: clean episodes in renamed worlds
-    c.demo.sft_lr = 1.5e-3
-    c.demo.sft_batch_size = 32
+    c.demo.sft_steps = 1000  # warm start, stage 1: clean episodes in relabeled and renamed worlds
+    c.demo.sft_lr = 1e-3
+    c.demo.sft_batch_size = 8
     c.demo.sft_noisy_steps = 30  # stage 2: the noisy behaviour policy on the demo's train questions
     c.demo.sft_noisy_lr = 3e-4
 

@@ -11,8 +11,8 @@ creates ``<cache_dir>/demo-<size>-seed<seed>-<key>/`` holding
 - ``sft.jsonl``: behaviour trajectories on the train questions, one per line:
   ``{"id", "world", "question_id", "data_source", "prompt", "segments": [{"kind":
   "policy"|"obs", "text"}...], "answer", "golden_answers", "correct", "mistakes"}``. World 0
-  is the demo's world, played with `noise`; worlds 1… are renamings of its train split
-  (`DemoSize.sft_worlds`), played with `RENAMED_NOISE` (rare wrong decisions), each searched
+  is the demo's world, played with `noise`; worlds 1… are copies of its train split, alternately
+  relabeled and renamed (`DemoSize.sft_worlds`), played with `COPY_NOISE` (rare wrong decisions), each searched
   through a BM25 index of its own. To match a rollout, tokenize the prompt and each
   segment separately and concatenate the ids;
 - ``tokenizer/``: the demo tokenizer in Hugging Face format;
@@ -53,9 +53,9 @@ from searchr1_jax.rollout import observations as rollout_observations
 logger = logging.getLogger(__name__)
 
 TOPK = 3  # passages per search, as in Search-R1
-# Renamed worlds are played well, with rare wrong decisions, so that the clean stage of the
+# The copied worlds are played well, with rare wrong decisions, so that the clean stage of the
 # warm start already knows every word of the noisy episodes ("I know the …").
-RENAMED_NOISE = trajectories.Noise(no_search=0.1, wrong_query=0.0, wrong_answer=0.0, stop_early=0.1)
+COPY_NOISE = trajectories.Noise(no_search=0.1, wrong_query=0.0, wrong_answer=0.0, stop_early=0.1)
 INSTRUCTIONS = ("search_r1", "short")
 SHORT_INSTRUCTION = (
     "Answer the question. Think inside <think> and </think>, search with <search> query </search>, "
@@ -71,9 +71,12 @@ class DemoSize:
     """World dimensions (see `world.make_world`) and the number of worlds the SFT data plays.
 
     `sft_worlds`: one behaviour trajectory per train question in each of the demo's world,
-    played with the build's noise, and `sft_worlds - 1` renamings of it (`world.rename`:
-    same facts under fresh names), played well (`RENAMED_NOISE`). The clean renamed episodes teach
-    the task (copy the answer out of the retrieved passage, whose names are new every time); the noisy
+    played with the build's noise, and `sft_worlds - 1` copies of its train split, played well
+    (`COPY_NOISE`): alternately relabeled (`world.relabel`: its own names, shuffled facts) and
+    renamed (`world.rename`: the same facts under fresh names). The clean episodes teach the task
+    (copy the answer out of the retrieved passage rather than recall it); fresh names stop the
+    model from completing a held-out name from the names it memorised, and the demo's own names
+    keep it fluent in the words that the noisy stage and RL use; the noisy
     episodes on the demo's own train questions then give the warm start its bad habits.
     """
 
@@ -258,7 +261,7 @@ def _build_into(paths: DemoPaths, final_root: Path, size_name: str, seed: int, i
             questions = played.questions_of("train")
             for question in tqdm(questions, desc=f"demo: trajectories, world {k}", unit="question", disable=None):
                 trajectory = trajectories.behaviour_trajectory(question, played, world_retriever, rng,
-                                                               noise if k == 0 else RENAMED_NOISE, topk=TOPK)
+                                                               noise if k == 0 else COPY_NOISE, topk=TOPK)
                 rows.append(_sft_row(question, k, prompt_messages(question.text, instruction)[0]["content"],
                                      trajectory))
             shutil.rmtree(scratch, ignore_errors=True)
@@ -289,9 +292,10 @@ def _build_into(paths: DemoPaths, final_root: Path, size_name: str, seed: int, i
 
 
 def sft_worlds(the_world: world.World, count: int, seed: int) -> list[world.World]:
-    """The worlds the SFT data plays: `the_world`, then `count - 1` renamings of its train split."""
-    rng = random.Random(f"{seed}/rename")
-    return [the_world] + [world.rename(the_world, rng) for _ in range(count - 1)]
+    """The worlds the SFT data plays: `the_world`, then `count - 1` copies of its train split,
+    alternately relabeled (its own names, shuffled facts) and renamed (fresh names)."""
+    rng = random.Random(f"{seed}/copies")
+    return [the_world] + [(world.relabel if k % 2 else world.rename)(the_world, rng) for k in range(1, count)]
 
 
 def _scratch_index(played: world.World, directory: Path) -> bm25.Bm25Retriever:

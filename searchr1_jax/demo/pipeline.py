@@ -30,9 +30,10 @@ def warm_start(paths, config: ml_collections.ConfigDict) -> Path:
     """The SFT'd model directory for this world and these settings (trained once, cached).
 
     Two stages, each cached under a key of its settings:
-      1. `demo.sft_steps` on the renamed worlds' episodes (world ≥ 1 in sft.jsonl): played
-         well, with names that are new in every world, they teach the task itself (search the
-         question's entity, copy the answer out of the passage, two hops when needed);
+      1. `demo.sft_steps` on the copied worlds' episodes (world ≥ 1 in sft.jsonl, relabeled or
+         renamed): played well, with facts or names that differ from world to world, they teach
+         the task itself (search the question's entity, copy the answer out of the passage, two
+         hops when needed);
       2. `demo.sft_noisy_steps` on the noisy behaviour policy's episodes on the demo's own train
          questions (world 0): the bad habits (answering without searching, stopping after one
          hop of two) of a mediocre starting model, which RL then has to unlearn.
@@ -49,7 +50,7 @@ def warm_start(paths, config: ml_collections.ConfigDict) -> Path:
 def _sft_stage(paths, config, name: str, settings: dict, start: Path | None, noisy: bool, steps: int,
                lr: float) -> Path:
     """Train `steps` SFT steps from `start` (None: random init) on the episodes of world 0
-    (`noisy`) or of the renamed worlds; cached by `settings`, so a cached stage reads nothing."""
+    (`noisy`) or of the copied worlds; cached by `settings`, so a cached stage reads nothing."""
     from flax import nnx
 
     from searchr1_jax.models import Decoder, load_hf, load_tokenizer, save_hf

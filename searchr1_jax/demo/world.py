@@ -286,3 +286,27 @@ def rename(world: World, rng: random.Random) -> World:
     persons = [Person(new(p.name), p.occupation, new(p.birthplace), "train", p.asked)
                for p in world.persons if p.split == "train"]
     return assemble_world(world.seed, countries, cities, persons, rng)
+
+
+def relabel(world: World, rng: random.Random) -> World:
+    """A world of the train split only, with the same names and wording but other facts.
+
+    Each kind's train names are shuffled among the entities of that kind, so "Velo" may now
+    be the country whose capital is "Kuko". The warm start trains on several relabelings:
+    a fact it memorised from one is wrong in the next, so only reading the retrieved passage
+    predicts the answer, which is what held-out questions need. Test entities are left out.
+    """
+    def shuffled(names: list[str]) -> dict[str, str]:
+        targets = list(names)
+        rng.shuffle(targets)
+        return dict(zip(names, targets))
+
+    train = [e for e in (*world.countries, *world.cities, *world.persons) if e.split == "train"]
+    country = shuffled([e.name for e in train if isinstance(e, Country)])
+    city = shuffled([e.name for e in train if isinstance(e, City)])
+    person = shuffled([e.name for e in train if isinstance(e, Person)])
+    countries = [Country(country[e.name], city[e.capital], "train") for e in train if isinstance(e, Country)]
+    cities = [City(city[e.name], country[e.country], "train") for e in train if isinstance(e, City)]
+    persons = [Person(person[e.name], e.occupation, city[e.birthplace], "train", e.asked)
+               for e in train if isinstance(e, Person)]
+    return assemble_world(world.seed, countries, cities, persons, rng)
