@@ -55,8 +55,8 @@ def test_manifest_statistics(demo):
     assert stats["questions"] == {"train/demo_single_hop": 7 + 21 + 21, "train/demo_two_hop": 14 + 21,
                                   "test/demo_single_hop": 3 + 9 + 9, "test/demo_two_hop": 6 + 9}
     assert stats["bm25_ideal_query_top3"] >= 0.98 and stats["bm25_garbled_query_top3"] <= 0.4
-    assert stats["sft_trajectories"] == 2 * 84  # the demo's world and one renaming
-    # world 0 is noisy (~25% correct), the renaming is played well (~85% correct)
+    assert stats["sft_trajectories"] == 2 * 84  # the demo's world and one copy (relabeled)
+    # world 0 is noisy (~25% correct), the copy is played well (~85% correct)
     assert 0.35 <= stats["sft_correct_rate"] <= 0.75
 
 
@@ -84,19 +84,19 @@ def test_parquet_files_are_readable_search_r1_rows(demo):
 
 
 def test_sft_rows_replay_the_real_retriever(demo, sft_rows):
-    """World 0's rows replay the demo's index; a renaming's rows state its own facts."""
+    """World 0's rows replay the demo's index; a copied world's rows state its own facts."""
     retriever = load_retriever(demo.index)
     train_prompts = {e.question: e.prompt_text for e in read_examples(demo.train)}
     assert sorted({row["world"] for row in sft_rows}) == [0, 1]
     the_world = build.make_demo_world(build.SIZES["small"], 0)
-    renamed = build.sft_worlds(the_world, 2, 0)[1]
-    renamed_texts = {p.text for p in renamed.passages}
+    copied = build.sft_worlds(the_world, 2, 0)[1]
+    copied_texts = {p.text for p in copied.passages}
     for row in sft_rows:
         if row["world"] == 1:
             assert row["correct"] == (row["mistakes"] == [])
             for obs in row["segments"][1::2]:
                 stated = re.findall(r'Doc \d+\(Title: "[^"]*"\) (.*?)(?=\nDoc \d+\(|</information>)', obs["text"])
-                assert stated and set(stated) <= renamed_texts
+                assert stated and set(stated) <= copied_texts
             continue
         kinds = [s["kind"] for s in row["segments"]]
         assert kinds[0] == kinds[-1] == "policy" and kinds[1::2] == ["obs"] * (len(kinds) // 2)

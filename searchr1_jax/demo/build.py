@@ -11,9 +11,9 @@ creates ``<cache_dir>/demo-<size>-seed<seed>-<key>/`` holding
 - ``sft.jsonl``: behaviour trajectories on the train questions, one per line:
   ``{"id", "world", "question_id", "data_source", "prompt", "segments": [{"kind":
   "policy"|"obs", "text"}...], "answer", "golden_answers", "correct", "mistakes"}``. World 0
-  is the demo's world, played with `noise`; worlds 1… are copies of its train split, alternately
-  relabeled and renamed (`DemoSize.sft_worlds`), played with `COPY_NOISE` (rare wrong decisions), each searched
-  through a BM25 index of its own. To match a rollout, tokenize the prompt and each
+  is the demo's world, played with `noise`; worlds 1… are copies of its train split
+  (`DemoSize.sft_worlds`), alternately relabeled and renamed, played with `COPY_NOISE` (rare
+  wrong decisions), each searched through a BM25 index of its own. To match a rollout, tokenize the prompt and each
   segment separately and concatenate the ids;
 - ``tokenizer/``: the demo tokenizer in Hugging Face format;
 - ``model_config.json``: a Qwen2 ``config.json`` for the proposed tiny model (the

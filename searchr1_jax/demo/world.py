@@ -267,19 +267,20 @@ def rename(world: World, rng: random.Random) -> World:
     syllables (a given name shared by several people stays shared); no new word is a word of
     any test name or of the templates. The warm start trains on several renamings: their names
     are new combinations of syllables, as held-out names are, so a model can only answer by
-    copying the retrieved name syllable by syllable. On the demo's own names (a renaming that
-    keeps them) it learns instead to complete a name's first syllable from memory, which turns
-    the held-out "Lide" into the familiar "Lilo".
+    copying the retrieved name syllable by syllable. Trained on the demo's own names alone, it
+    learns instead to complete a name's first syllable from memory, which turns the held-out
+    "Lide" into the familiar "Lilo".
     """
     test_words = {w.lower() for name in world.entity_names("test") for w in name.split(" ")}
     names = NameGenerator(rng, _reserved_words() | test_words)
     fresh: dict[str, str] = {}
 
     def new(name: str) -> str:
-        for word in name.split(" "):
+        words = name.split(" ")
+        for word in words:
             if word not in fresh:
                 fresh[word] = names.word()
-        return " ".join(fresh[w] for w in name.split(" "))
+        return " ".join(fresh[w] for w in words)
 
     countries = [Country(new(c.name), new(c.capital), "train") for c in world.countries if c.split == "train"]
     cities = [City(new(c.name), new(c.country), "train") for c in world.cities if c.split == "train"]
