@@ -128,8 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.sft_steps = 1000  # warm start, stage 1: clean episodes in relabeled and renamed worlds
     c.demo.sft_lr = 1e-3
     c.demo.sft_batch_size = 8
-    c.demo.sft_noisy_steps = 30  # stage 2: the noisy behaviour policy on the demo's train questions
-    c.demo.sft_noisy_lr = 3e-4
+    c.demo.sft_noisy_steps = 60  # stage 2: the noisy behaviour policy on the demo's train questions
+    c.demo.sft_noisy_lr = 1e-4
 
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "em"
