@@ -25,7 +25,7 @@ from searchr1_jax.demo.build import SIZES, build_demo, make_demo_world, prompt_m
 from searchr1_jax.export import load_policy
 from searchr1_jax.models import load_hf, load_tokenizer
 from searchr1_jax.retrieval.index import load_retriever
-from searchr1_jax.sft import pack_batch, tokenize_trajectory
+from searchr1_jax.sft import tokenize_trajectory
 
 BATCH = 32
 
@@ -52,22 +52,18 @@ def copy_scores(model, episodes, tokenizer) -> dict[str, tuple[float, float]]:
     accuracy: dict[str, list[float]] = {}
     for lo in range(0, len(episodes), BATCH):
         chunk = episodes[lo:lo + BATCH]
-        width = -(-max(len(ids) for ids, _, _ in chunk) // 64) * 64
-        batch = pack_batch([(ids, mask) for ids, mask, _ in chunk], width, tokenizer.pad_token_id)
-        hidden = model.hidden_states(batch.tokens, batch.attention_mask, batch.positions)
-        predicted = np.asarray(jnp.argmax(model.logits(hidden), axis=-1))
-        tokens, segments = np.asarray(batch.tokens), np.asarray(batch.attention_mask)
-        policy = np.asarray(batch.loss_mask) > 0
-        source_of = {tuple(ids): source for ids, _, source in chunk}
-        for r in range(tokens.shape[0]):
-            for segment in np.unique(segments[r][segments[r] > 0]):  # episodes packed in row r
-                at = np.flatnonzero(segments[r] == segment)
-                source = source_of[tuple(tokens[r, at].tolist())]
-                target = tokens[r, at[1:]]
-                scored = policy[r, at[1:]] & ~np.isin(target, decision)
-                right = (predicted[r, at[:-1]] == target)[scored]
-                exact.setdefault(source, []).append(bool(right.all()))
-                accuracy.setdefault(source, []).append(float(right.mean()))
+        width = max(len(ids) for ids, _, _ in chunk)
+        tokens = np.full((len(chunk), width), tokenizer.pad_token_id, np.int32)  # right-padded, one per row
+        real = np.zeros((len(chunk), width), np.int32)
+        for r, (ids, _, _) in enumerate(chunk):
+            tokens[r, :len(ids)], real[r, :len(ids)] = ids, 1
+        predicted = np.asarray(jnp.argmax(model(jnp.asarray(tokens), jnp.asarray(real)), axis=-1))
+        for r, (ids, mask, source) in enumerate(chunk):
+            target = np.asarray(ids[1:])
+            scored = (np.asarray(mask[1:]) > 0) & ~np.isin(target, decision)
+            right = (predicted[r, :len(ids) - 1] == target)[scored]
+            exact.setdefault(source, []).append(bool(right.all()))
+            accuracy.setdefault(source, []).append(float(right.mean()))
     return {s: (float(np.mean(exact[s])), float(np.mean(accuracy[s]))) for s in sorted(exact)}
 
 
