@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple] = {
     "model.compute_dtype": DTYPES,
     "data.template": ("base", "chat"),
     "mesh.preset": ("fsdp", "fsdp_tensor", "data"),
-    "demo.size": ("full", "small"),
+    "demo.size": ("full", "small", "reduced"),
 }
 
 
@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.demo = ml_collections.ConfigDict()  # the CPU demo pipeline (configs/tiny_demo.py)
     c.demo.enabled = False
-    c.demo.size = "full"  # "full" (the README's demo) or "small" (the test variant)
+    c.demo.size = "full"  # "full" (the README's demo), "reduced" (the suite's learning test) or "small" (pipeline tests)
     c.demo.cache_dir = ".cache/demo"
     c.demo.instruction = "search_r1"  # Search-R1's prompt word for word, or "short"
     c.demo.sft_steps = 1000  # warm start, stage 1: clean episodes in relabeled and renamed worlds

@@ -143,6 +143,38 @@ def test_renamed_world_keeps_the_facts_under_fresh_names_and_never_uses_a_test_w
     assert sum(a != b for a, b in word_map.items()) >= 0.9 * len(word_map)
 
 
+def test_renaming_with_reuse_names_permutes_the_worlds_own_words(small_world):
+    renamed = world.rename(small_world, random.Random(5), reuse_names=True)
+    assert renamed == world.rename(small_world, random.Random(5), reuse_names=True)
+    train = [e for e in (*small_world.countries, *small_world.cities, *small_world.persons) if e.split == "train"]
+    new = [*renamed.countries, *renamed.cities, *renamed.persons]
+    word_map = {}
+    for old, fresh in zip(train, new):
+        for a, b in zip(old.name.split(" "), fresh.name.split(" ")):
+            assert word_map.setdefault(a, b) == b
+    assert len(set(word_map.values())) == len(word_map)  # one word never stands for two
+    assert renamed.name_words <= small_world.name_words
+    for old, fresh in zip(train, new):
+        if isinstance(old, world.City):
+            assert renamed.fact("country", fresh.name) == word_map[old.country]
+        elif isinstance(old, world.Person):
+            assert renamed.fact("birthplace", fresh.name) == word_map[old.birthplace]
+    # Held-out words now name train entities of the copy: 3 of 8 clusters are test, so about
+    # 3/8 of the copy's words are test words.
+    test_words = {w for n in small_world.entity_names("test") for w in n.split(" ")}
+    share = len(renamed.name_words & test_words) / len(renamed.name_words)
+    assert 0.2 <= share <= 0.6, share
+
+
+def test_one_word_person_names_without_given_names():
+    one_word = world.make_world(7, **{**DIMS, "num_given_names": 0})
+    persons = [p.name for p in one_word.persons]
+    assert all(" " not in name for name in persons) and len(set(persons)) == len(persons)
+    assert len(persons) == len(world.make_world(7, **DIMS).persons)
+    question = next(q for q in one_word.questions if q.qtype == "birthplace")
+    assert question.text == f"Where was {question.subject} born?" and " " not in question.subject
+
+
 def test_hand_checked_question_texts(small_world):
     country = small_world.countries[0]
     q = next(q for q in small_world.questions if q.qtype == "capital" and q.subject == country.name)
@@ -161,6 +193,8 @@ def test_bad_world_arguments_are_named():
         world.make_world(0, **{**DIMS, "num_test_countries": 8})
     with pytest.raises(ValueError, match="cities_per_country"):
         world.make_world(0, **{**DIMS, "cities_per_country": 1})
+    with pytest.raises(ValueError, match="num_given_names"):
+        world.make_world(0, **{**DIMS, "num_given_names": -1})
     with pytest.raises(KeyError, match="no 'capital' fact about 'Nowhere'"):
         world.make_world(0, **DIMS).fact("capital", "Nowhere")
 

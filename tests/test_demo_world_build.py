@@ -89,7 +89,7 @@ def test_sft_rows_replay_the_real_retriever(demo, sft_rows):
     train_prompts = {e.question: e.prompt_text for e in read_examples(demo.train)}
     assert sorted({row["world"] for row in sft_rows}) == [0, 1]
     the_world = build.make_demo_world(build.SIZES["small"], 0)
-    copied = build.sft_worlds(the_world, 2, 0)[1]
+    copied = build.sft_worlds(the_world, build.SIZES["small"], 0)[1]
     copied_texts = {p.text for p in copied.passages}
     for row in sft_rows:
         if row["world"] == 1:
@@ -213,7 +213,7 @@ def test_instruction_and_noise_are_parameters(tmp_path):
 
 
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
-    def fail(texts):
+    def fail(texts, **options):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(tokenizer, "train_tokenizer", fail)
@@ -228,3 +228,30 @@ def test_an_incomplete_cache_directory_is_reported(tmp_path):
     (stale / "corpus.jsonl").write_text("")
     with pytest.raises(RuntimeError, match="no manifest.json"):
         build.build_demo(tmp_path, size="small", seed=4)
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    return build.build_demo(tmp_path_factory.mktemp("demo_reduced"), size="reduced", seed=0, instruction="short")
+
+
+def test_reduced_build_has_one_token_names_that_the_copies_train_as_outputs(reduced):
+    """The suite's learning test world: every name word is one token, and every held-out name
+    is written by the policy in some copied world's episodes, with other facts each time."""
+    tok = AutoTokenizer.from_pretrained(reduced.tokenizer, local_files_only=True)
+    the_world = build.make_demo_world(build.SIZES["reduced"], 0)
+    assert all(" " not in p.name for p in the_world.persons)
+    for word in the_world.name_words:
+        assert len(tok.tokenize(f" {word}")) == 1 and len(tok.tokenize(f'"{word}')) == 2, word
+    rows = [json.loads(line) for line in reduced.sft.read_text().splitlines()]
+    assert sorted({row["world"] for row in rows}) == list(range(9))
+    written_in_copies = {w for row in rows if row["world"] > 0 for s in row["segments"] if s["kind"] == "policy"
+                         for w in re.findall(r"[A-Z][a-z]+", s["text"])}
+    test_words = {w for name in the_world.entity_names("test") for w in name.split(" ")}
+    assert test_words <= written_in_copies
+    # The copies state other facts about those names: a held-out fact recurs only by chance.
+    test_texts = {the_world.passages[int(q.hops[0].passage_id)].text for q in the_world.questions_of("test")}
+    for copy in build.sft_worlds(the_world, build.SIZES["reduced"], 0)[1:]:
+        assert len(test_texts & {p.text for p in copy.passages}) <= 2
+    config = json.loads(reduced.model_config.read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == len(tok)

@@ -1,4 +1,4 @@
-"""The demo's tokenizer: whole words for the fixed wording, syllables for made-up names.
+"""The demo's tokenizer: whole words for the fixed wording, syllables (or whole words) for made-up names.
 
 Built with the `tokenizers` library as a Unigram model over GPT-2-style byte-level
 pre-tokens, and saved in Hugging Face format so `AutoTokenizer.from_pretrained(dir)` loads it
@@ -9,10 +9,12 @@ offline:
   score alike (so encoding picks the fewest pieces: " to" stays whole although " " and the
   syllable "to" are pieces too), with their log frequency as a tie-breaker too small to ever
   outweigh one piece more.
-- A name word (capitalised consonant-vowel syllables, see `names.py`) is never a piece: it
-  counts towards its syllables (" Ka", "to", "ra"), and all syllables are pieces in every
-  position, so any name, including names of held-out entities, becomes a few syllable tokens
-  that training has used.
+- With `split_names` (the full demo), a name word (capitalised consonant-vowel syllables, see
+  `names.py`) is never a piece: it counts towards its syllables (" Ka", "to", "ra"), and all
+  syllables are pieces in every position, so any name, including names of held-out entities,
+  becomes a few syllable tokens that training has used. Without it (the reduced demo), a name
+  word seen in the texts is one piece like any other word; syllables stay pieces for names
+  never seen.
 - The 256 byte-level symbols are pieces scored far below every other piece, so any text
   encodes (one token per byte at worst) and decodes back to itself exactly.
 - The Search-R1 tags are single, non-special added tokens (they decode as text); `<|endoftext|>`
@@ -51,16 +53,16 @@ def _is_name_word(word: str) -> bool:
     return True
 
 
-def _pieces(pre_token: str) -> list[str]:
+def _pieces(pre_token: str, split_names: bool) -> list[str]:
     """Pieces one byte-level pre-token counts towards: itself, or a name's syllables."""
     space, word = (_SPACE, pre_token[1:]) if pre_token.startswith(_SPACE) else ("", pre_token)
-    if not _is_name_word(word):
+    if not (split_names and _is_name_word(word)):
         return [pre_token]
     first, *rest = split_syllables(word)
     return [space + first] + [s.lower() for s in rest]
 
 
-def count_pieces(texts: Iterable[str]) -> collections.Counter:
+def count_pieces(texts: Iterable[str], split_names: bool = True) -> collections.Counter:
     """How often each piece occurs in `texts` (tags excluded: they are added tokens)."""
     pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     counts: collections.Counter = collections.Counter()
@@ -68,13 +70,16 @@ def count_pieces(texts: Iterable[str]) -> collections.Counter:
         for chunk in _TAG_SPLIT.split(text):
             if chunk and chunk not in TAGS:
                 for pre_token, _ in pre_tokenizer.pre_tokenize_str(chunk):
-                    counts.update(_pieces(pre_token))
+                    counts.update(_pieces(pre_token, split_names))
     return counts
 
 
-def train_tokenizer(texts: Iterable[str]) -> Tokenizer:
-    """A tokenizer whose word pieces are those of `texts`; ids 0 and 1 are eos and pad."""
-    counts = count_pieces(texts)
+def train_tokenizer(texts: Iterable[str], split_names: bool = True) -> Tokenizer:
+    """A tokenizer whose word pieces are those of `texts`; ids 0 and 1 are eos and pad.
+
+    split_names: names become syllable tokens (True) or one token per name word (False).
+    """
+    counts = count_pieces(texts, split_names)
     total = sum(counts.values())
     scores = {piece: _PIECE_SCORE + _TIE_BREAK * math.log(n / total) for piece, n in counts.items()}
     rarest = min(scores.values(), default=_PIECE_SCORE)

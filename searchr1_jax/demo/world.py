@@ -186,7 +186,8 @@ def make_world(
     """Build the world; the same arguments always give the same world.
 
     People's given names come from a shared pool of `num_given_names` (so a query with only a
-    given name is ambiguous); family names and place names are unique. Train clusters are made
+    given name is ambiguous); family names and place names are unique. With
+    `num_given_names=0` people have one name word, unique like place names. Train clusters are made
     first; test names then combine only syllables that train questions and answers use in the
     same place, so the tokens of a held-out name have all been trained on.
     """
@@ -194,8 +195,8 @@ def make_world(
         raise ValueError(f"num_test_countries must be in (0, num_countries={num_countries}), got {num_test_countries}")
     if cities_per_country < 2:
         raise ValueError(f"cities_per_country must be ≥ 2 (a capital and another city), got {cities_per_country}")
-    if persons_per_city < 1 or distractor_persons_per_city < 0 or num_given_names < 1:
-        raise ValueError("persons_per_city and num_given_names must be ≥ 1, distractor_persons_per_city ≥ 0")
+    if persons_per_city < 1 or distractor_persons_per_city < 0 or num_given_names < 0:
+        raise ValueError("persons_per_city must be ≥ 1, distractor_persons_per_city and num_given_names ≥ 0")
     rng = random.Random(seed)
     names = NameGenerator(rng, _reserved_words())
     given_names = [names.word() for _ in range(num_given_names)]
@@ -205,7 +206,7 @@ def make_world(
         if split == "test":
             # What the model writes when answering train questions; test names reuse its syllables.
             asked = [p.name for p in persons if p.asked]
-            given_names = sorted({name.split(" ")[0] for name in asked})
+            given_names = sorted({name.split(" ")[0] for name in asked if " " in name})
             words = [c.name for c in countries] + [c.name for c in cities] + [w for name in asked for w in name.split(" ")]
             names.restrict_to(words)
         for _ in range(num_clusters):
@@ -215,7 +216,8 @@ def make_world(
             for city in city_names:
                 cities.append(City(city, country=country, split=split))
                 for k in range(persons_per_city + distractor_persons_per_city):
-                    person = f"{rng.choice(given_names)} {names.word()}"
+                    given = f"{rng.choice(given_names)} " if given_names else ""
+                    person = given + names.word()
                     persons.append(Person(person, rng.choice(OCCUPATIONS), city, split, asked=k < persons_per_city))
 
     return assemble_world(seed, countries, cities, persons, rng)
@@ -260,26 +262,37 @@ def assemble_world(seed: int, countries, cities, persons, rng: random.Random) ->
     return dataclasses.replace(world, questions=tuple(numbered))
 
 
-def rename(world: World, rng: random.Random) -> World:
-    """A world of the train split only, with the same facts and wording but fresh names.
+def rename(world: World, rng: random.Random, *, reuse_names: bool = False) -> World:
+    """A world of the train split only, with the same facts and wording but other names.
 
-    Every word of every train name is replaced by a new two-syllable word drawn from all
-    syllables (a given name shared by several people stays shared); no new word is a word of
-    any test name or of the templates. The warm start trains on several renamings: their names
-    are new combinations of syllables, as held-out names are, so a model can only answer by
-    copying the retrieved name syllable by syllable. Trained on the demo's own names alone, it
-    learns instead to complete a name's first syllable from memory, which turns the held-out
-    "Lide" into the familiar "Lilo".
+    Every word of every train name is replaced by another word (a given name shared by several
+    people stays shared):
+
+    - by default a new two-syllable word drawn from all syllables, never a word of any test
+      name or of the templates. The full demo's warm start trains on several renamings: their
+      names are new combinations of syllables, as held-out names are, so a model can only
+      answer by copying the retrieved name syllable by syllable. Trained on the demo's own
+      names alone, it learns instead to complete a name's first syllable from memory, which
+      turns the held-out "Lide" into the familiar "Lilo".
+    - with `reuse_names`, a word of the world's own names of either split, drawn without
+      replacement. For a demo whose name words are single tokens: in the renamed copies every
+      name token, held-out ones included, names entities with changing facts, so the model
+      learns to copy names and can memorise none.
     """
-    test_words = {w.lower() for name in world.entity_names("test") for w in name.split(" ")}
-    names = NameGenerator(rng, _reserved_words() | test_words)
+    if reuse_names:
+        pool = sorted(world.name_words)
+        rng.shuffle(pool)
+        draw = iter(pool).__next__
+    else:
+        test_words = {w.lower() for name in world.entity_names("test") for w in name.split(" ")}
+        draw = NameGenerator(rng, _reserved_words() | test_words).word
     fresh: dict[str, str] = {}
 
     def new(name: str) -> str:
         words = name.split(" ")
         for word in words:
             if word not in fresh:
-                fresh[word] = names.word()
+                fresh[word] = draw()
         return " ".join(fresh[w] for w in words)
 
     countries = [Country(new(c.name), new(c.capital), "train") for c in world.countries if c.split == "train"]
