@@ -8,8 +8,8 @@ a noisy behaviour policy that often answers without searching and stops after on
 trains it for 16 GRPO steps against the project's BM25 retriever, evaluates all 192 held-out
 questions greedily every 8 steps, and writes runs/tiny_demo/{learning_curve.png,
 summary.json, metrics.jsonl, export/}.
-PPO variant: --config.algorithm.name=ppo --config.algorithm.kl_in_reward=True
---config.algorithm.kl_loss=False --config.rollout.n_samples=1
+PPO variant: configs/tiny_demo_ppo.py. About 2 minutes, with a smaller world and model:
+configs/tiny_demo_reduced.py (the test suite's learning test).
 """
 from searchr1_jax.config import base_config
 

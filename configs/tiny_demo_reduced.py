@@ -7,19 +7,13 @@ held-out questions, one-word names that are one token each, see `demo.build.SIZE
 two-layer model: 600 + 80 warm-start steps, 16 GRPO steps at temperature 0.7, held-out
 evaluation every 8 steps.
 """
-import importlib.util
 from pathlib import Path
 
-
-def _tiny_demo_config():
-    spec = importlib.util.spec_from_file_location("tiny_demo", Path(__file__).with_name("tiny_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from searchr1_jax.config import config_from_file
 
 
 def get_config():
-    c = _tiny_demo_config()
+    c = config_from_file(Path(__file__).with_name("tiny_demo.py"))
     c.name = "tiny_demo_reduced"
     c.demo.size = "reduced"
     c.demo.sft_steps = 600

@@ -7,6 +7,7 @@ combination (for example a mini-batch that does not divide the batch).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -142,6 +143,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
+
+
+def config_from_file(path: str | Path) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, for configs that start from another one
+    (configs/tiny_demo_reduced.py starts from configs/tiny_demo.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _walk(cfg: ml_collections.ConfigDict, prefix: str = ""):

@@ -1,5 +1,4 @@
 """Config loading and validation: every error names the key, through the API and the CLI."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -7,17 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from searchr1_jax.config import ConfigError, base_config, require_path, validate
+from searchr1_jax.config import ConfigError, base_config, config_from_file, require_path, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_from_file(REPO / "configs" / f"{name}.py")
 
 
 @pytest.mark.parametrize("name", SHIPPED)
