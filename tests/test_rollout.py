@@ -27,6 +27,7 @@ from searchr1_jax.retrieval.observation import format_passages, wrap_information
 from searchr1_jax.retrieval.types import Passage
 from searchr1_jax.infer import episode_segments, render_episode, stream_episode
 from searchr1_jax.rollout import RolloutConfig, RolloutDriver
+from searchr1_jax.rollout import engine as engine_module
 from searchr1_jax.rollout.actions import ANSWER, INVALID, SEARCH
 from test_rollout_units import CORRECTIVE, make_tokenizer
 
@@ -199,6 +200,29 @@ def test_greedy_kv_cache_rollout_equals_full_recompute_reference(policy, tokeniz
     # One retriever call per turn that had searches, each with all of that turn's queries.
     assert sum(map(len, retriever.calls)) == trajectory.searches.sum()
     assert len(retriever.calls) <= GREEDY.max_turns
+
+
+def test_compacted_decode_tail_gives_the_same_greedy_rollout(policy, tokenizer, greedy_run, monkeypatch):
+    """The second decode phase (only the last rows of a turn, gathered into a small batch) runs
+    in the greedy rollout above (8 rows: the last 2 of a turn go on alone) and changes nothing:
+    the same rollout with every turn decoded over all rows gives the same trajectory (logprobs
+    to float rounding: the batches differ in shape, so the sums run in another order)."""
+    calls = []
+    real_impl = engine_module.RolloutEngine._decode_rows_impl
+    monkeypatch.setattr(engine_module.RolloutEngine, "_decode_rows_impl",
+                        lambda self, *a: calls.append(1) or real_impl(self, *a))
+    compacted = RolloutDriver(policy, tokenizer, GREEDY).run(_prompt_ids(tokenizer), ScriptedRetriever(),
+                                                             jax.random.key(0))
+    assert calls, "no turn reached the compacted phase"
+    monkeypatch.setattr(engine_module, "compact_size", lambda rows, shards: 0)
+    whole = RolloutDriver(policy, tokenizer, GREEDY).run(_prompt_ids(tokenizer), ScriptedRetriever(),
+                                                         jax.random.key(0))
+    expected, _ = greedy_run
+    for got in (compacted, whole):
+        for field in ("tokens", "loss_mask", "response_end", "searches", "turns"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(expected, field)),
+                                          err_msg=field)
+        np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 
 
 def test_trajectory_layout(greedy_run, tokenizer):

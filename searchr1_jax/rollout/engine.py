@@ -13,7 +13,10 @@ row at once (finished rows get an all-padding chunk there) never runs past the e
 
 Decode runs one `lax.while_loop` per turn, each step a one-token append; prefill and
 observations append in pieces of APPEND_PIECE tokens. Both go through the decoder's own
-chunked append (`Decoder.extend_hidden`).
+chunked append (`Decoder.extend_hidden`). A turn's loop runs over all rows until few are
+still generating, then over those rows alone, gathered into a small batch (`compact_size`):
+a decode step reads every row's cache, and most rows of a turn stop long before its last
+one does.
 
 Windows: every call works on the first `window` slots only (a static multiple of
 WINDOW_STEP that the caller picks to cover every row's next writes), so attention reads the
@@ -106,6 +109,25 @@ def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
         logprobs=put(full.logprobs, part.logprobs), policy=put(full.policy, part.policy))
 
 
+@flax.struct.dataclass
+class LoopState:
+    """Where a turn's decode loop stopped: active [R] bool (rows still generating), automaton
+    [R] int32 (stop-string matcher states), limit [R] int32 (each row's token allowance this
+    turn), step (tokens decoded so far, a scalar)."""
+
+    active: jax.Array
+    automaton: jax.Array
+    limit: jax.Array
+    step: jax.Array
+
+
+def compact_size(rows: int, shards: int) -> int:
+    """Rows of the second decode phase (0: none): a quarter of the batch, rounded up to a
+    multiple of the batch shards, when that is at most half of it."""
+    size = -(-max(1, rows // 4) // shards) * shards
+    return size if 2 * size <= rows else 0
+
+
 class RolloutEngine:
     """Jitted prefill / append / decode over one decoder, optionally sharded over a mesh.
 
@@ -132,7 +154,8 @@ class RolloutEngine:
         self.eos_ids = jax.device_put(eos, replicated)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
         self._append = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(4,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(7,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(7, 8))
+        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(9,))
 
     def window_for(self, slots: int) -> int:
         """The window (a multiple of WINDOW_STEP, at most the capacity) covering `slots`."""
@@ -182,14 +205,36 @@ class RolloutEngine:
         A row stops after the token that completes a stop string (the search one only while
         search_enabled), after an EOS id, after max_new_tokens tokens, or when it holds
         `budget` tokens. lengths [R]: the rows' current lengths (a host copy).
+
+        Two phases: the loop runs over all rows until at most `compact_size` rows are still
+        generating (a turn's tail is often one or two long rows), then over those rows alone,
+        gathered into a small batch, so each step reads a fraction of the cache. Greedy
+        decoding gives the same tokens either way; sampling draws from the same distributions
+        (the random numbers of a row depend on the batch it is in).
         """
         lengths = np.asarray(lengths)
+        rows = active.shape[0]
         needed = int(lengths.max()) + 1  # idle rows still write one (invalid) slot per step
         if active.any():
             needed = max(needed, int(lengths[active].max()) + self.max_new_tokens)
-        return self._decode(params, self.stop_packed, self.eos_ids, state,
-                            self.put_rows(active.astype(bool)), key, jnp.asarray(search_enabled),
-                            self.window_for(needed))
+        compact = compact_size(rows, self.batch_shards)
+        state, result, loop = self._decode(params, self.stop_packed, self.eos_ids, state,
+                                           self.put_rows(active.astype(bool)), key,
+                                           jnp.asarray(search_enabled), self.window_for(needed), compact)
+        if not compact:
+            return state, result
+        still = np.asarray(jax.device_get(loop.active))
+        if not still.any() or int(loop.step) >= self.max_new_tokens:
+            return state, result
+        # Filler rows (inactive, so left as they are) make up the batch; the shortest ones keep
+        # the window small. The window covers every chosen row's slots, since even an inactive
+        # row writes one scratch slot per step at its length.
+        idle = np.flatnonzero(~still)
+        idle = idle[np.argsort(lengths[idle], kind="stable")][:compact - still.sum()]
+        chosen = np.concatenate([np.flatnonzero(still), idle])
+        window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
+        return self._decode_rows(params, self.stop_packed, self.eos_ids, state, result, loop,
+                                 jnp.asarray(chosen, jnp.int32), key, jnp.asarray(search_enabled), window)
 
     # -- jitted bodies ----------------------------------------------------------------------
     def _prefill_impl(self, params, tokens, mask, n_samples):
@@ -251,20 +296,53 @@ class RolloutEngine:
             policy=write_rows(state.policy, jnp.zeros(tokens.shape, bool), start))
 
     def _decode_impl(self, params, stop_packed, eos_ids, full_state, active, key, search_enabled,
-                     window):
+                     window, exit_rows):
         model = nnx.merge(self.graphdef, params)
         state = slot_window(full_state, window)
         rows, max_new = active.shape[0], self.max_new_tokens
         limit = jnp.minimum(max_new, self.budget - state.cache.length)
         active = active & (limit > 0)
+        zeros = jnp.zeros((rows,), jnp.int32)
+        result = TurnResult(outcome=zeros, count=zeros, turn_tokens=jnp.zeros((rows, max_new), jnp.int32))
+        loop = LoopState(active=active, automaton=zeros, limit=limit, step=jnp.asarray(0, jnp.int32))
+        state, result, loop = self._turn_loop(model, stop_packed, eos_ids, state, result, loop, key,
+                                              search_enabled, exit_rows)
+        return self._constrain(merge_window(full_state, state)), result, loop
+
+    def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, chosen, key,
+                          search_enabled, window):
+        """The rest of a turn for the rows `chosen` [C] only, gathered into a batch of C."""
+        model = nnx.merge(self.graphdef, params)
+        whole = slot_window(full_state, window)
+        take = lambda x: x[chosen]  # noqa: E731
+        state = self._constrain(jax.tree.map(take, whole))
+        part = self._constrain(jax.tree.map(take, result))
+        part_loop = LoopState(active=take(loop.active), automaton=take(loop.automaton),
+                              limit=take(loop.limit), step=loop.step)
+        state, part, _ = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop, key,
+                                         search_enabled, 0)
+        put = lambda full, new: full.at[chosen].set(new)  # noqa: E731
+        whole = self._constrain(jax.tree.map(put, whole, state))
+        result = self._constrain(jax.tree.map(put, result, part))
+        return self._constrain(merge_window(full_state, whole)), result
+
+    def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, key, search_enabled,
+                   exit_rows):
+        """Decode until no row is active, max_new_tokens steps are done, or (exit_rows > 0) at
+        most exit_rows rows are still active."""
+        rows, max_new = loop.active.shape[0], self.max_new_tokens
+        window = state.tokens.shape[1]
         slots = jnp.arange(window, dtype=jnp.int32)
         turn_slots = jnp.arange(max_new, dtype=jnp.int32)
-        zeros = jnp.zeros((rows,), jnp.int32)
-        init = (state, active, zeros, zeros, zeros, jnp.zeros((rows, max_new), jnp.int32), 0)
+        limit = loop.limit
+        init = (state, loop.active, loop.automaton, result.outcome, result.count, result.turn_tokens, loop.step)
 
         def cond(carry):
             _, active, *_, step = carry
-            return (step < max_new) & jnp.any(active)
+            going = (step < max_new) & jnp.any(active)
+            if exit_rows:
+                going &= jnp.sum(active) > exit_rows
+            return going
 
         def body(carry):
             state, active, automaton, outcome, count, turn_tokens, step = carry
@@ -295,6 +373,6 @@ class RolloutEngine:
                      jnp.where(at_turn, token[:, None], turn_tokens), step + 1)
             return carry
 
-        state, _, _, outcome, count, turn_tokens, _ = jax.lax.while_loop(cond, body, init)
-        state = self._constrain(merge_window(full_state, state))
-        return state, TurnResult(outcome=outcome, count=count, turn_tokens=turn_tokens)
+        state, active, automaton, outcome, count, turn_tokens, step = jax.lax.while_loop(cond, body, init)
+        result = TurnResult(outcome=outcome, count=count, turn_tokens=turn_tokens)
+        return state, result, LoopState(active=active, automaton=automaton, limit=limit, step=step)
