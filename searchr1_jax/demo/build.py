@@ -33,6 +33,7 @@ import argparse
 import collections
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -127,8 +128,7 @@ class DemoPaths:
 
 
 # The DemoSize fields that are `world.make_world` arguments.
-_WORLD_FIELDS = ("num_countries", "num_test_countries", "cities_per_country", "persons_per_city",
-                 "distractor_persons_per_city", "num_given_names")
+_WORLD_FIELDS = tuple(name for name in inspect.signature(world.make_world).parameters if name != "seed")
 
 
 def make_demo_world(size: DemoSize, seed: int) -> world.World:

@@ -223,8 +223,9 @@ class RolloutEngine:
                                            jnp.asarray(search_enabled), self.window_for(needed), compact)
         if not compact:
             return state, result
-        still = np.asarray(jax.device_get(loop.active))
-        if not still.any() or int(loop.step) >= self.max_new_tokens:
+        still, step = jax.device_get((loop.active, loop.step))
+        still = np.asarray(still)
+        if not still.any() or int(step) >= self.max_new_tokens:
             return state, result
         # Filler rows (inactive, so left as they are) make up the batch; the shortest ones keep
         # the window small. The window covers every chosen row's slots, since even an inactive
@@ -317,8 +318,8 @@ class RolloutEngine:
         take = lambda x: x[chosen]  # noqa: E731
         state = self._constrain(jax.tree.map(take, whole))
         part = self._constrain(jax.tree.map(take, result))
-        part_loop = LoopState(active=take(loop.active), automaton=take(loop.automaton),
-                              limit=take(loop.limit), step=loop.step)
+        part_loop = loop.replace(active=take(loop.active), automaton=take(loop.automaton),
+                                 limit=take(loop.limit))
         state, part, _ = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop, key,
                                          search_enabled, 0)
         put = lambda full, new: full.at[chosen].set(new)  # noqa: E731
@@ -330,7 +331,7 @@ class RolloutEngine:
                    exit_rows):
         """Decode until no row is active, max_new_tokens steps are done, or (exit_rows > 0) at
         most exit_rows rows are still active."""
-        rows, max_new = loop.active.shape[0], self.max_new_tokens
+        max_new = self.max_new_tokens
         window = state.tokens.shape[1]
         slots = jnp.arange(window, dtype=jnp.int32)
         turn_slots = jnp.arange(max_new, dtype=jnp.int32)
