@@ -78,7 +78,7 @@ def test_estimate_within_10_percent_of_allocated_bytes(preset, sizes):
     for device, nbytes in allocated.items():
         assert abs(predicted - nbytes) <= 0.10 * nbytes, (device, predicted, nbytes)
     # Keep every buffer alive until it has been counted.
-    assert len(opt_states) == 2 and cache.keys[0].shape == (8, 4, 32, 8)
+    assert len(opt_states) == 2 and cache.keys[0].shape == (8, 4, 8, 32)
 
 
 def _split_counts(fields):

@@ -90,13 +90,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, mask, inv_freq, kv=None, start=None):
-        """One block. Without `kv`: attend within x. With kv = (K [B,KVH,S,D], V): write this
-        chunk's keys/values at slots `start` and attend over the whole buffer.
+        """One block. Without `kv`: attend within x. With kv = (K [B,KVH,D,S], V [B,KVH,S,D]):
+        write this chunk's keys/values at slots `start` and attend over the whole buffer.
         Returns (x, kv) with kv the updated buffers (or None)."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions, inv_freq)
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # head-major, like the cache
+        k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # the cache's layouts
         if kv is not None:
-            k = write_rows(kv[0], k, start, slot_axis=2)
+            k = write_rows(kv[0], k, start, slot_axis=3)
             v = write_rows(kv[1], v, start, slot_axis=2)
             kv = (k, v)
         x = x + self.self_attn.output(attend(q, k, v, mask))

@@ -93,12 +93,13 @@ CPU_SCORE_BLOCK_BYTES = 4 << 20
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention.
 
-    q: [B, T, H, D]; k, v: [B, KVH, S, D] (head-major) with H a multiple of KVH;
+    q: [B, T, H, D]; k: [B, KVH, D, S] and v: [B, KVH, S, D] (the cache's layouts, see
+    kv_cache) with H a multiple of KVH;
     mask: [B, T, S] bool, True where query t may attend key s.
     Returns [B, T, H, D]. Scores and softmax are float32.
     """
     b, t, h, _ = q.shape
-    rows = cpu_rows_per_block(b, h * t * k.shape[2] * 4)
+    rows = cpu_rows_per_block(b, h * t * k.shape[3] * 4)
     if rows < b and jax.default_backend() == "cpu":
         return attend_in_row_blocks(q, k, v, mask, rows)
     return _attend_all(q, k, v, mask)
@@ -127,21 +128,13 @@ def attend_in_row_blocks(q, k, v, mask, rows: int) -> jax.Array:
 
 
 def _attend_all(q, k, v, mask) -> jax.Array:
+    # Each KV head's queries as one [G * T, D] matrix, so both products are plain batched
+    # matmuls over (row, kv head); XLA's CPU dot is several times slower on the 5-D forms.
     b, t, h, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    if t == 1:
-        # One query per row (a decode step): XLA's CPU dot runs these matrix-vector products
-        # poorly; a broadcast multiply and sum fuses into one pass over the cache.
-        q = q.reshape(b, kvh, g, 1, d).astype(jnp.float32)
-        scores = jnp.sum(q * k[:, :, None].astype(jnp.float32), axis=-1)  # [B, KVH, G, S]
-        probs = _masked_softmax(scores, mask[:, None], d)
-        out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)
-        return out.astype(v.dtype).reshape(b, 1, h, d)
-    # Each KV head's queries as one [G * T, D] matrix, so both products are plain batched
-    # matmuls over (row, kv head); XLA's CPU dot is several times slower on the 5-D forms.
     q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores.reshape(b, kvh, g, t, -1), mask[:, None, None], d)
     out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kvh, g * t, -1).astype(v.dtype), v)
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

@@ -166,8 +166,8 @@ def shard_batch(tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules,
                     fallbacks: list[Fallback] | None = None) -> KVCache:
-    """A KVCache of NamedShardings: keys/values [B, KVH, S, D] over batch and kv heads,
-    valid [B, S] and length [B] over batch."""
+    """A KVCache of NamedShardings: keys [B, KVH, D, S] and values [B, KVH, S, D] over batch
+    and kv heads, valid [B, S] and length [B] over batch."""
     def spec_of(axes: tuple[str, ...], name: str) -> Callable[[jax.Array], NamedSharding]:
         def one(x):
             return NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh, path=name,
@@ -175,8 +175,9 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules,
                                                        fallbacks=fallbacks))
         return one
 
-    kv = spec_of(("batch", "act_kv_heads", "length", "head_dim"), "kv_cache")
-    return KVCache(keys=tuple(kv(k) for k in cache.keys), values=tuple(kv(v) for v in cache.values),
+    key = spec_of(("batch", "act_kv_heads", "head_dim", "length"), "kv_cache")
+    value = spec_of(("batch", "act_kv_heads", "length", "head_dim"), "kv_cache")
+    return KVCache(keys=tuple(map(key, cache.keys)), values=tuple(map(value, cache.values)),
                    valid=spec_of(("batch", "length"), "kv_cache/valid")(cache.valid),
                    length=spec_of(("batch",), "kv_cache/length")(cache.length))
 

@@ -85,7 +85,7 @@ def slot_window(state: RolloutState, width: int) -> RolloutState:
     """The state restricted to slots [0, width) (next_logits and lengths unchanged)."""
     cache = state.cache
     return RolloutState(
-        cache=KVCache(keys=tuple(k[:, :, :width] for k in cache.keys),
+        cache=KVCache(keys=tuple(k[..., :width] for k in cache.keys),
                       values=tuple(v[:, :, :width] for v in cache.values),
                       valid=cache.valid[:, :width], length=cache.length),
         next_logits=state.next_logits, tokens=state.tokens[:, :width],
@@ -97,13 +97,16 @@ def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
     def put(whole, piece, axis=1):
         return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=axis)
 
-    def put_heads(whole, piece):  # keys / values [R, KVH, S, D]: slots on axis 2
+    def put_keys(whole, piece):  # [R, KVH, D, S]
+        return put(whole, piece, axis=3)
+
+    def put_values(whole, piece):  # [R, KVH, S, D]
         return put(whole, piece, axis=2)
 
     cache, new = full.cache, part.cache
     return RolloutState(
-        cache=KVCache(keys=tuple(map(put_heads, cache.keys, new.keys)),
-                      values=tuple(map(put_heads, cache.values, new.values)),
+        cache=KVCache(keys=tuple(map(put_keys, cache.keys, new.keys)),
+                      values=tuple(map(put_values, cache.values, new.values)),
                       valid=put(cache.valid, new.valid), length=new.length),
         next_logits=part.next_logits, tokens=put(full.tokens, part.tokens),
         logprobs=put(full.logprobs, part.logprobs), policy=put(full.policy, part.policy))
