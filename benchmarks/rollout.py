@@ -23,6 +23,11 @@ The two engines should produce the same tokens; the script reports the fraction 
 Reported per size: generated (policy) tokens per second of each engine over the timed
 rollout (compilation / warm-up excluded and reported apart), and the speedup. The last line
 is `speedup: X.XX` for the ~100M model (the last size run).
+
+Also per size, the roofline (benchmarks/roofline.py): the least time our algorithm (KV cache)
+and the original's (re-prefill every turn) need for this rollout at this machine's measured
+float32 matmul FLOP/s and read bandwidth, each engine's time as a fraction of it, and the
+transformers time over our algorithm's bound: the most any KV-cache engine could gain here.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from roofline import Machine, Shape, measure_machine, rollout_bounds  # noqa: E402
 from searchr1_jax.data.prompts import base_prompt  # noqa: E402
 from searchr1_jax.models import Decoder, save_hf  # noqa: E402
 from searchr1_jax.models.config import config_from_hf_dict  # noqa: E402
@@ -279,7 +285,7 @@ def agreement(ours, theirs):
     return matched / max(total, 1), same_rows / len(ours)
 
 
-def bench_size(size: str, args, tokenizer, retriever) -> dict:
+def bench_size(size: str, args, tokenizer, retriever, machine: Machine) -> dict:
     config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                            max_obs_tokens=500, max_prompt_tokens=256, greedy=True, topk=3)
     model = make_policy(size, tokenizer, args.search_boost or SIZES[size]["search_boost"])
@@ -302,6 +308,12 @@ def bench_size(size: str, args, tokenizer, retriever) -> dict:
     print(f"[{size}] ours: {result['policy_tokens']} policy tokens in {ours_seconds:.2f}s "
           f"(first run incl. compilation {warm_ours:.1f}s); searches {result['searches']}, "
           f"mean turns {result['turns']:.2f}, longest context {result['context']}", flush=True)
+    bounds = rollout_bounds(Shape.of(model.config), machine, ours)
+    result.update(bound_ours=bounds["kv-cache"].total, bound_theirs=bounds["re-prefill"].total)
+    print(f"[{size}] roofline: our algorithm needs >= {bounds['kv-cache'].total:.2f}s "
+          f"(prompts and observations {bounds['kv-cache'].prefill:.2f}s, decode "
+          f"{bounds['kv-cache'].decode:.2f}s), ours ran at {bounds['kv-cache'].total / ours_seconds:.0%} "
+          f"of that; re-prefill needs >= {bounds['re-prefill'].total:.2f}s", flush=True)
     if args.skip_transformers:
         return result
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,8 +329,11 @@ def bench_size(size: str, args, tokenizer, retriever) -> dict:
     token_match, row_match = agreement(ours, theirs)
     result.update(theirs_seconds=theirs_seconds, warmup_theirs=warm_theirs,
                   their_policy_tokens=their_tokens, token_match=token_match, row_match=row_match)
-    print(f"[{size}] transformers: {their_tokens} policy tokens in {theirs_seconds:.2f}s; "
-          f"match: {token_match:.1%} of tokens, {row_match:.0%} of rows identical", flush=True)
+    print(f"[{size}] transformers: {their_tokens} policy tokens in {theirs_seconds:.2f}s "
+          f"({result['bound_theirs'] / theirs_seconds:.0%} of re-prefill's roofline); "
+          f"match: {token_match:.1%} of tokens, {row_match:.0%} of rows identical; "
+          f"the most any kv-cache engine could gain here: "
+          f"{theirs_seconds / result['bound_ours']:.2f}x", flush=True)
     return result
 
 
@@ -353,7 +368,9 @@ def main(argv=None) -> int:
           f"thread(s) per engine; load average {os.getloadavg()[0]:.1f}", flush=True)
     tokenizer = make_tokenizer()
     retriever = SyntheticRetriever()
-    results = [bench_size(size, args, tokenizer, retriever) for size in sizes]
+    machine = measure_machine()
+    print(f"machine peaks (XLA, float32): {machine.describe()}", flush=True)
+    results = [bench_size(size, args, tokenizer, retriever, machine) for size in sizes]
     print("\n| model | params | engine | policy tokens | seconds | tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in results:
