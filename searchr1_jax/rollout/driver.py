@@ -102,13 +102,12 @@ class RolloutDriver:
             eos_ids.add(tokenizer.eos_token_id)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, *sorted(eos_ids), 0) if i is not None)
         self.budget = config.context_tokens
-        # Prompts and observations are padded to these fixed widths, so each of prefill and
-        # append compiles once (the engine skips the pieces that are padding in every row).
-        self.prompt_width = chunk_width(config.max_prompt_tokens)
-        self.obs_width = chunk_width(config.max_obs_tokens)
+        # A call's prompts or observations are padded to chunk_width of the longest one: a
+        # few distinct widths (each compiles once), and little padding is computed.
+        widest_obs = chunk_width(config.max_obs_tokens)
         self.engine = RolloutEngine(
             model,
-            capacity=max(self.budget + self.obs_width, self.prompt_width),
+            capacity=max(self.budget + widest_obs, chunk_width(config.max_prompt_tokens)),
             budget=self.budget,
             max_new_tokens=config.max_new_tokens,
             sampling=SamplingParams(greedy=config.greedy, temperature=config.temperature,
@@ -190,7 +189,7 @@ class RolloutDriver:
 
     # -- steps --------------------------------------------------------------------------------
     def _pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Right-padded prompt ids and mask [B, prompt_width]."""
+        """Right-padded prompt ids and mask [B, chunk_width(longest prompt)]."""
         if not prompts:
             raise ValueError("no prompts to roll out")
         vocab = self.model.config.vocab_size
@@ -200,8 +199,9 @@ class RolloutDriver:
                                  f"max_prompt_tokens = {self.config.max_prompt_tokens}")
             if min(ids) < 0 or max(ids) >= vocab:
                 raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-        tokens = np.full((len(prompts), self.prompt_width), self.pad_id, np.int32)
-        mask = np.zeros((len(prompts), self.prompt_width), np.int32)
+        width = chunk_width(max(map(len, prompts)))
+        tokens = np.full((len(prompts), width), self.pad_id, np.int32)
+        mask = np.zeros((len(prompts), width), np.int32)
         for i, ids in enumerate(prompts):
             tokens[i, :len(ids)] = ids
             mask[i, :len(ids)] = 1
@@ -283,8 +283,9 @@ class RolloutDriver:
         book.finish_rows([b for b in order if b not in fits], "context_budget")
         if not fits:
             return state, num_truncated, fits
-        tokens = np.full((len(book.length), self.obs_width), self.pad_id, np.int32)
-        mask = np.zeros((len(book.length), self.obs_width), np.int32)
+        width = chunk_width(max(map(len, fits.values())))
+        tokens = np.full((len(book.length), width), self.pad_id, np.int32)
+        mask = np.zeros((len(book.length), width), np.int32)
         for b, obs in fits.items():
             tokens[b, :len(obs)] = obs
             mask[b, :len(obs)] = 1

@@ -275,17 +275,12 @@ class RolloutEngine:
 
         def one_piece(carry, xs):
             piece_tokens, piece_mask, offset = xs
-
-            def extend(carry):
-                cache, last_hidden = carry
-                hidden, cache = model.extend_hidden(piece_tokens, piece_mask, cache)
-                index = jnp.clip(last - offset, 0, piece - 1)
-                at_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
-                here = (last >= offset) & (last < offset + piece)
-                return cache, jnp.where(here[:, None], at_last, last_hidden)
-
-            # Chunks are padded to a fixed width; pieces of pure padding cost nothing.
-            return jax.lax.cond(jnp.any(piece_mask), extend, lambda c: c, carry), None
+            cache, last_hidden = carry
+            hidden, cache = model.extend_hidden(piece_tokens, piece_mask, cache)
+            index = jnp.clip(last - offset, 0, piece - 1)
+            at_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+            here = (last >= offset) & (last < offset + piece)
+            return (cache, jnp.where(here[:, None], at_last, last_hidden)), None
 
         hidden_dim = model.config.hidden_size
         init = (state.cache, jnp.zeros((rows, hidden_dim), model.model.dtype))
