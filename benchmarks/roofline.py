@@ -130,10 +130,10 @@ def rollout_bounds(shape: Shape, machine: Machine, rows) -> dict[str, Bound]:
     decode_flops = decode_bytes = kv_prefill = 0.0
     re_prefill = 0.0
     steps_per_turn: dict[int, int] = {}
-    for tokens, mask in rows:
+    for _, mask in rows:
         turns = turns_of(mask)
-        policy = np.flatnonzero(np.asarray(mask) == 1)
-        other = np.flatnonzero(np.asarray(mask) == 0)
+        mask = np.asarray(mask)
+        policy, other = np.flatnonzero(mask == 1), np.flatnonzero(mask == 0)
         decode_flops += shape.token_flops(policy) + 2 * shape.hidden * shape.vocab * len(policy)
         decode_bytes += shape.cache_bytes(policy)
         kv_prefill += shape.token_flops(other)
