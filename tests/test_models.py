@@ -205,3 +205,14 @@ def test_value_model_starts_from_base_weights(hf_checkpoint):
 def test_positions_from_mask_counts_real_tokens():
     mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+
+
+def test_cpu_row_blocks_divide_the_batch_and_keep_its_shards():
+    from searchr1_jax.models.layers import CPU_SCORE_BLOCK_BYTES, cpu_rows_per_block
+    quarter = CPU_SCORE_BLOCK_BYTES // 4
+    assert [cpu_rows_per_block(16, quarter), cpu_rows_per_block(12, quarter),
+            cpu_rows_per_block(16, 3 * quarter), cpu_rows_per_block(7, quarter)] == [4, 4, 1, 1]
+    # rows sharded over 2 or 8 devices: blocks hold a multiple of that many rows, even when
+    # fewer rows' scores would fit
+    assert [cpu_rows_per_block(16, quarter, 2), cpu_rows_per_block(16, 3 * quarter, 2),
+            cpu_rows_per_block(16, quarter, 8), cpu_rows_per_block(12, 2 * quarter, 6)] == [4, 2, 8, 6]

@@ -327,6 +327,38 @@ def test_sharded_rollout_equals_unsharded(policy, tokenizer, greedy_run):
         driver.run(_prompt_ids(tokenizer)[:3], ScriptedRetriever(), jax.random.key(0), params=params)
 
 
+
+def test_compacted_tail_on_two_shards_stays_on_each_shard(policy, tokenizer, greedy_run):
+    """8 rows over 2 batch shards: each shard gathers its own last row of a turn (compact_size
+    2, one per shard), so the compacted call exchanges no rows between devices, and the
+    rollout is the unsharded one."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    params = jax.device_put(nnx.state(policy), NamedSharding(mesh, PartitionSpec()))
+    driver = RolloutDriver(policy, tokenizer, GREEDY, mesh=mesh)
+    engine, calls = driver.engine, []
+    compiled_rows = engine._decode_rows
+
+    def recording(*args):
+        def spec(x):  # mesh-placed arrays keep their sharding; the others (the key) are free
+            if not isinstance(x, jax.Array):
+                return x
+            sharding = x.sharding if isinstance(x.sharding, NamedSharding) else None
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        calls.append(jax.tree.map(spec, args))
+        return compiled_rows(*args)
+
+    engine._decode_rows = recording
+    sharded = driver.run(_prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(0), params=params)
+    assert calls, "no turn reached the compacted phase"
+    assert calls[0][6].shape == (2, 1)  # [shards, rows per shard]
+    hlo = compiled_rows.lower(*calls[0]).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    unsharded, _ = greedy_run
+    for field in ("tokens", "loss_mask", "response_end"):
+        np.testing.assert_array_equal(np.asarray(getattr(sharded, field)),
+                                      np.asarray(getattr(unsharded, field)), err_msg=field)
+    np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(unsharded.logprobs), atol=1e-5)
+
 # -- the scripted policy ----------------------------------------------------------------------
 SEARCH_CHAIN = ["ĊĊ", "<search>", "Ġcapital", "Ġ</", "search", ">."]
 ANSWER_CHAIN = [">.", "<answer>", "ĠParis", "Ġ", "</answer>"]

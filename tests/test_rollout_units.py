@@ -194,6 +194,13 @@ def test_greedy_records_temperature_one_logprobs():
     np.testing.assert_allclose(np.asarray(logprobs), want, rtol=1e-6)
 
 
+
+def test_greedy_picks_the_first_of_tied_maxima():
+    logits = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [5.0, -1.0, 5.0, 5.0], [-2.0, -3.0, -1.0, -1.5],
+                          [0.0, 0.0, 0.0, 7.0]])
+    tokens, _ = sample_tokens(logits, jax.random.key(0), SamplingParams(greedy=True))
+    assert np.asarray(tokens).tolist() == [1, 0, 2, 3] == np.argmax(np.asarray(logits), -1).tolist()
+
 # -- actions ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("outcome, text, kind, query", [
     (STOP_SEARCH, "<think> hm </think>\n<search> capital of France </search>", SEARCH, "capital of France"),
@@ -254,8 +261,10 @@ def test_config_defaults_and_errors():
 
 
 def test_chunk_width():
-    assert [chunk_width(n) for n in (1, 16, 17, 100, 128, 129, 500)] == [16, 16, 32, 128, 128, 256, 512]
-    assert chunk_width(4000) == 4096 and chunk_width(3000) == 3072
+    # powers of two up to APPEND_PIECE (64), its multiples beyond
+    assert [chunk_width(n) for n in (1, 16, 17, 33, 64, 65, 100, 129, 293, 500)] == \
+        [16, 16, 32, 64, 64, 128, 128, 192, 320, 512]
+    assert chunk_width(4000) == 4032 and chunk_width(3000) == 3008
 
 
 def test_compact_size_hand_values():

@@ -99,16 +99,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     Returns [B, T, H, D]. Scores and softmax are float32.
     """
     b, t, h, _ = q.shape
-    rows = cpu_rows_per_block(b, h * t * k.shape[3] * 4)
+    # The batch may be sharded over the devices (CPU devices when a host is split into one
+    # per core); a block of a multiple of that many rows stays split over them, where a
+    # smaller one would be gathered onto every device.
+    rows = cpu_rows_per_block(b, h * t * k.shape[3] * 4, math.gcd(b, jax.device_count()))
     if rows < b and jax.default_backend() == "cpu":
         return attend_in_row_blocks(q, k, v, mask, rows)
     return _attend_all(q, k, v, mask)
 
 
-def cpu_rows_per_block(batch: int, score_bytes_per_row: int) -> int:
-    """The largest divisor of `batch` whose rows' scores fit CPU_SCORE_BLOCK_BYTES (at least 1)."""
-    fitting = max(1, CPU_SCORE_BLOCK_BYTES // max(score_bytes_per_row, 1))
-    return max(r for r in range(1, min(batch, fitting) + 1) if batch % r == 0)
+def cpu_rows_per_block(batch: int, score_bytes_per_row: int, multiple: int = 1) -> int:
+    """The largest multiple of `multiple` dividing `batch` whose rows' scores fit
+    CPU_SCORE_BLOCK_BYTES, or `multiple` when none fits (multiple divides batch)."""
+    fitting = max(multiple, CPU_SCORE_BLOCK_BYTES // max(score_bytes_per_row, 1))
+    return max(r for r in range(multiple, min(batch, fitting) + 1, multiple) if batch % r == 0)
 
 
 def attend_in_row_blocks(q, k, v, mask, rows: int) -> jax.Array:

@@ -43,7 +43,7 @@ from searchr1_jax.rollout.stops import (NOT_STOPPED, STOP_EOS, STOP_LENGTH, Stop
 # Longest piece appended in one attention call: the attention scores of a piece are
 # [rows, heads, piece, window], so this bounds prefill memory. Chunk widths are padded to
 # a multiple of it (or to a power of two below it).
-APPEND_PIECE = 128
+APPEND_PIECE = 64
 BATCH_AXES = ("data", "fsdp")
 # Granularity of the slot windows; each distinct window compiles once.
 WINDOW_STEP = 256
@@ -216,29 +216,35 @@ class RolloutEngine:
         (the random numbers of a row depend on the batch it is in).
         """
         lengths = np.asarray(lengths)
-        rows = active.shape[0]
+        rows, shards = active.shape[0], self.batch_shards
         needed = int(lengths.max()) + 1  # idle rows still write one (invalid) slot per step
         if active.any():
             needed = max(needed, int(lengths[active].max()) + self.max_new_tokens)
-        compact = compact_size(rows, self.batch_shards)
+        per_shard = compact_size(rows, shards) // shards
         state, result, loop = self._decode(params, self.stop_packed, self.eos_ids, state,
                                            self.put_rows(active.astype(bool)), key,
-                                           jnp.asarray(search_enabled), self.window_for(needed), compact)
-        if not compact:
+                                           jnp.asarray(search_enabled), self.window_for(needed), per_shard)
+        if not per_shard:
             return state, result
         still, step = jax.device_get((loop.active, loop.step))
         still = np.asarray(still)
         if not still.any() or int(step) >= self.max_new_tokens:
             return state, result
-        # Filler rows (inactive, so left as they are) make up the batch; the shortest ones keep
-        # the window small. The window covers every chosen row's slots, since even an inactive
-        # row writes one scratch slot per step at its length.
-        idle = np.flatnonzero(~still)
-        idle = idle[np.argsort(lengths[idle], kind="stable")][:compact - still.sum()]
-        chosen = np.concatenate([np.flatnonzero(still), idle])
+        # Each shard gathers its own rows, so no row crosses devices: its still-active ones
+        # and, to fill the batch, idle ones (left as they are), the shortest first to keep the
+        # window small. The window covers every chosen row's slots, since even an idle row
+        # writes one scratch slot per step at its length.
+        local = []
+        for first in range(0, rows, rows // shards):
+            own = still[first:first + rows // shards]
+            idle = np.flatnonzero(~own)
+            idle = idle[np.argsort(lengths[first + idle], kind="stable")][:per_shard - own.sum()]
+            local.append(np.concatenate([np.flatnonzero(own), idle]))
+        local = np.stack(local).astype(np.int32)  # [shards, per_shard]
+        chosen = local + np.arange(0, rows, rows // shards)[:, None]
         window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
         return self._decode_rows(params, self.stop_packed, self.eos_ids, state, result, loop,
-                                 jnp.asarray(chosen, jnp.int32), key, jnp.asarray(search_enabled), window)
+                                 self.put_rows(local), key, jnp.asarray(search_enabled), window)
 
     # -- jitted bodies ----------------------------------------------------------------------
     def _prefill_impl(self, params, tokens, mask, n_samples):
@@ -308,27 +314,38 @@ class RolloutEngine:
                                               search_enabled, exit_rows)
         return self._constrain(merge_window(full_state, state)), result, loop
 
-    def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, chosen, key,
+    def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, local, key,
                           search_enabled, window):
-        """The rest of a turn for the rows `chosen` [C] only, gathered into a batch of C."""
+        """The rest of a turn for a few rows only, gathered into a small batch: local
+        [shards, C] picks rows of each batch shard (indices within the shard)."""
         model = nnx.merge(self.graphdef, params)
         whole = slot_window(full_state, window)
-        take = lambda x: x[chosen]  # noqa: E731
+        shards, per_shard = local.shape
+
+        def take(x):
+            grouped = x.reshape(shards, -1, *x.shape[1:])
+            picked = jax.vmap(lambda rows, i: rows[i])(grouped, local)
+            return picked.reshape(shards * per_shard, *x.shape[1:])
+
+        def put(x, new):
+            grouped = x.reshape(shards, -1, *x.shape[1:])
+            new = new.reshape(shards, per_shard, *new.shape[1:])
+            return jax.vmap(lambda rows, i, n: rows.at[i].set(n))(grouped, local, new).reshape(x.shape)
+
         state = self._constrain(jax.tree.map(take, whole))
         part = self._constrain(jax.tree.map(take, result))
         part_loop = loop.replace(active=take(loop.active), automaton=take(loop.automaton),
                                  limit=take(loop.limit))
         state, part, _ = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop, key,
                                          search_enabled, 0)
-        put = lambda full, new: full.at[chosen].set(new)  # noqa: E731
         whole = self._constrain(jax.tree.map(put, whole, state))
         result = self._constrain(jax.tree.map(put, result, part))
         return self._constrain(merge_window(full_state, whole)), result
 
     def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, key, search_enabled,
                    exit_rows):
-        """Decode until no row is active, max_new_tokens steps are done, or (exit_rows > 0) at
-        most exit_rows rows are still active."""
+        """Decode until max_new_tokens steps are done or every batch shard has at most
+        exit_rows rows still active (0: none)."""
         max_new = self.max_new_tokens
         window = state.tokens.shape[1]
         slots = jnp.arange(window, dtype=jnp.int32)
@@ -336,12 +353,13 @@ class RolloutEngine:
         limit = loop.limit
         init = (state, loop.active, loop.automaton, result.outcome, result.count, result.turn_tokens, loop.step)
 
+        shards = self.batch_shards
+
         def cond(carry):
+            # One reduction over the rows (with the rows sharded, a cross-device exchange).
             _, active, *_, step = carry
-            going = (step < max_new) & jnp.any(active)
-            if exit_rows:
-                going &= jnp.sum(active) > exit_rows
-            return going
+            most = jnp.max(jnp.sum(active.reshape(shards, -1), axis=1, dtype=jnp.int32))
+            return (step < max_new) & (most > exit_rows)
 
         def body(carry):
             state, active, automaton, outcome, count, turn_tokens, step = carry

@@ -43,14 +43,25 @@ def filter_logits(scaled: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return scaled
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis of x [R, V] (the first of tied maxima) → int32 [R].
+
+    The same as jnp.argmax for finite x, computed as two plain reductions: XLA's CPU backend
+    lowers argmax to a (value, index) reduction that runs element by element, which took a
+    sixth of a small model's decode step.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
     """logits [R, V] float32 → (tokens [R] int32, logprobs [R] float32)."""
+    scaled = logits if params.greedy else logits / params.temperature
     if params.greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        tokens = first_argmax(scaled)
     else:
-        scaled = logits / params.temperature
-        logprobs = jax.nn.log_softmax(scaled, axis=-1)
         allowed = filter_logits(scaled, params.top_k, params.top_p)
         tokens = jax.random.categorical(key, allowed, axis=-1).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(scaled, axis=-1)
