@@ -118,17 +118,23 @@ def cpu_rows_per_block(batch: int, score_bytes_per_row: int, multiple: int = 1) 
 def attend_in_row_blocks(q, k, v, mask, rows: int) -> jax.Array:
     """`attend` computed `rows` rows at a time (rows divides B), sequentially.
 
-    Block j holds rows j, j + B/rows, j + 2B/rows, ...: the batch splits as [rows, B/rows]
-    and the loop runs over the second factor, so a batch sharded in contiguous pieces over
-    `rows` (or a divisor of it) devices stays sharded inside every block.
+    Block j holds rows j, j + B/rows, j + 2B/rows, ...: each array is viewed as
+    [rows, B/rows, ...] and the loop indexes the second axis, so a batch sharded in contiguous
+    pieces over `rows` (or a divisor of it) devices stays sharded inside every block, and only
+    the block at hand is copied out (never a transposed copy of the whole cache).
     """
     blocks = q.shape[0] // rows
 
-    def split(x):
-        return jnp.swapaxes(x.reshape(rows, blocks, *x.shape[1:]), 0, 1)
+    def block(x, j):
+        return jax.lax.dynamic_index_in_dim(x.reshape(rows, blocks, *x.shape[1:]), j, axis=1,
+                                            keepdims=False)
 
-    out = jax.lax.map(lambda xs: _attend_all(*xs), (split(q), split(k), split(v), split(mask)))
-    return jnp.swapaxes(out, 0, 1).reshape(q.shape)
+    def one_block(j, out):
+        part = _attend_all(block(q, j), block(k, j), block(v, j), block(mask, j))
+        return jax.lax.dynamic_update_index_in_dim(out, part, j, axis=1)
+
+    out = jnp.zeros((rows, blocks, *q.shape[1:]), q.dtype)
+    return jax.lax.fori_loop(0, blocks, one_block, out).reshape(q.shape)
 
 
 def _attend_all(q, k, v, mask) -> jax.Array:
