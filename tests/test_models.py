@@ -216,3 +216,28 @@ def test_cpu_row_blocks_divide_the_batch_and_keep_its_shards():
     # fewer rows' scores would fit
     assert [cpu_rows_per_block(16, quarter, 2), cpu_rows_per_block(16, 3 * quarter, 2),
             cpu_rows_per_block(16, quarter, 8), cpu_rows_per_block(12, 2 * quarter, 6)] == [4, 2, 8, 6]
+
+
+def test_cpu_attention_over_visible_slots_equals_full_attention(monkeypatch):
+    """The CPU path for long chunks (row blocks, KV_BLOCK-slot steps up to each block's extent,
+    running softmax) gives the one-call attention: 6 rows at different lengths over a
+    600-slot window (the last step overlaps the one before), one row whose first 300 slots
+    are padding (a first step that sees nothing), one whose chunk is all padding."""
+    from searchr1_jax.models import layers
+    from searchr1_jax.models.kv_cache import chunk_attention_mask
+
+    b, t, h, kvh, d, slots = 6, 8, 4, 2, 16, 600
+    rng = np.random.RandomState(0)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, kvh, d, slots)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, kvh, slots, d)), jnp.float32)
+    start = jnp.asarray([10, 250, 591, 400, 120, 300], jnp.int32)
+    valid = np.arange(slots)[None, :] < (np.asarray(start) + t)[:, None]
+    valid[3, :300] = False  # left padding
+    valid[5, 300:] = False  # nothing appended: every query of this row is padding
+    mask = chunk_attention_mask(jnp.asarray(valid), start, t)
+    want = layers._attend_all(q, k, v, mask)
+    monkeypatch.setattr(layers, "CPU_SCORE_BLOCK_BYTES", h * t * slots * 4)  # one row at a time
+    got = layers.attend(q, k, v, mask, start + t)
+    assert layers.cpu_rows_per_block(b, h * t * slots * 4) == 1
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)

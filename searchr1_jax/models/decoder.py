@@ -99,7 +99,9 @@ class DecoderLayer(nnx.Module):
             k = write_rows(kv[0], k, start, slot_axis=3)
             v = write_rows(kv[1], v, start, slot_axis=2)
             kv = (k, v)
-        x = x + self.self_attn.output(attend(q, k, v, mask))
+        # A chunk written at slots start … start+T-1 sees no slot past its own.
+        extent = None if kv is None else start + x.shape[1]
+        x = x + self.self_attn.output(attend(q, k, v, mask, extent))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 

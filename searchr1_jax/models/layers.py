@@ -90,22 +90,32 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 CPU_SCORE_BLOCK_BYTES = 4 << 20
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           extent: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention.
 
     q: [B, T, H, D]; k: [B, KVH, D, S] and v: [B, KVH, S, D] (the cache's layouts, see
     kv_cache) with H a multiple of KVH;
-    mask: [B, T, S] bool, True where query t may attend key s.
+    mask: [B, T, S] bool, True where query t may attend key s;
+    extent: optional [B] int32, a bound on row b's visible slots (mask[b, :, s] is False for
+      s >= extent[b]); on CPU, slots beyond every row of a block are then skipped.
     Returns [B, T, H, D]. Scores and softmax are float32.
     """
     b, t, h, _ = q.shape
+    if jax.default_backend() != "cpu":
+        return _attend_all(q, k, v, mask)
     # The batch may be sharded over the devices (CPU devices when a host is split into one
     # per core); a block of a multiple of that many rows stays split over them, where a
     # smaller one would be gathered onto every device.
-    rows = cpu_rows_per_block(b, h * t * k.shape[3] * 4, math.gcd(b, jax.device_count()))
-    if rows < b and jax.default_backend() == "cpu":
+    shards = math.gcd(b, jax.device_count())
+    rows = cpu_rows_per_block(b, h * t * k.shape[3] * 4, shards)
+    if rows == b:  # all scores fit at once (decode steps, short chunks)
+        return _attend_all(q, k, v, mask)
+    if extent is None or k.shape[3] <= KV_BLOCK:
         return attend_in_row_blocks(q, k, v, mask, rows)
-    return _attend_all(q, k, v, mask)
+    # Scores are held KV_BLOCK slots at a time, so blocks can take more rows.
+    return attend_in_row_blocks(q, k, v, mask, cpu_rows_per_block(b, h * t * KV_BLOCK * 4, shards),
+                                extent)
 
 
 def cpu_rows_per_block(batch: int, score_bytes_per_row: int, multiple: int = 1) -> int:
@@ -115,8 +125,9 @@ def cpu_rows_per_block(batch: int, score_bytes_per_row: int, multiple: int = 1) 
     return max(r for r in range(multiple, min(batch, fitting) + 1, multiple) if batch % r == 0)
 
 
-def attend_in_row_blocks(q, k, v, mask, rows: int) -> jax.Array:
-    """`attend` computed `rows` rows at a time (rows divides B), sequentially.
+def attend_in_row_blocks(q, k, v, mask, rows: int, extent=None) -> jax.Array:
+    """`attend` computed `rows` rows at a time (rows divides B), sequentially; with `extent`,
+    each block reads only the KV_BLOCK-slot blocks that one of its rows can see.
 
     Block j holds rows j, j + B/rows, j + 2B/rows, ...: each array is viewed as
     [rows, B/rows, ...] and the loop indexes the second axis, so a batch sharded in contiguous
@@ -130,11 +141,56 @@ def attend_in_row_blocks(q, k, v, mask, rows: int) -> jax.Array:
                                             keepdims=False)
 
     def one_block(j, out):
-        part = _attend_all(block(q, j), block(k, j), block(v, j), block(mask, j))
+        args = (block(q, j), block(k, j), block(v, j), block(mask, j))
+        if extent is None:
+            part = _attend_all(*args)
+        else:
+            part = _attend_prefix(*args, jnp.max(block(extent, j)))
         return jax.lax.dynamic_update_index_in_dim(out, part, j, axis=1)
 
     out = jnp.zeros((rows, blocks, *q.shape[1:]), q.dtype)
     return jax.lax.fori_loop(0, blocks, one_block, out).reshape(q.shape)
+
+
+# Slots per step of `_attend_prefix`; windows of rollouts are multiples of it.
+KV_BLOCK = 256
+
+
+def _attend_prefix(q, k, v, mask, extent) -> jax.Array:
+    """`_attend_all` over slots [0, extent) only (extent: a scalar, mask False beyond it), in
+    KV_BLOCK-slot steps with a running softmax: a row's old cache and its chunk's causal part
+    are read once, and the slots past every row's end not at all."""
+    b, t, h, d = q.shape
+    kvh, slots = k.shape[1], k.shape[3]
+    g = h // kvh
+    q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    q = q * (1.0 / math.sqrt(d))
+
+    def step(i, carry):
+        top, total, acc = carry  # [b, kvh, g*t] (twice), [b, kvh, g*t, d]
+        # The last block of a window that KV_BLOCK does not divide starts early; its slots
+        # before i * KV_BLOCK were counted by the block before.
+        first = jnp.minimum(i * KV_BLOCK, slots - KV_BLOCK)
+        keys = jax.lax.dynamic_slice_in_dim(k, first, KV_BLOCK, axis=3)
+        values = jax.lax.dynamic_slice_in_dim(v, first, KV_BLOCK, axis=2)
+        seen = jax.lax.dynamic_slice_in_dim(mask, first, KV_BLOCK, axis=2)
+        seen &= (first + jnp.arange(KV_BLOCK) >= i * KV_BLOCK)[None, None]
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, keys, preferred_element_type=jnp.float32)
+        scores = jnp.where(seen[:, None, None], scores.reshape(b, kvh, g, t, -1), MASK_VALUE)
+        scores = scores.reshape(b, kvh, g * t, -1)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+        probs = jnp.exp(scores - new_top[..., None])
+        rescale = jnp.exp(top - new_top)
+        total = total * rescale + jnp.sum(probs, axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), values,
+                                                    preferred_element_type=jnp.float32)
+        return new_top, total, acc
+
+    init = (jnp.full((b, kvh, g * t), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g * t), jnp.float32),
+            jnp.zeros((b, kvh, g * t, d), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, -(-extent // KV_BLOCK), step, init)
+    out = (acc / total[..., None]).astype(v.dtype)
+    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _attend_all(q, k, v, mask) -> jax.Array:
