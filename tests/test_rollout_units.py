@@ -18,7 +18,7 @@ from searchr1_jax.data.prompts import SEARCH_R1_INSTRUCTION
 from searchr1_jax.retrieval.types import Passage
 from searchr1_jax.rollout.actions import ANSWER, INVALID, SEARCH, read_action
 from searchr1_jax.rollout.config import RolloutConfig
-from searchr1_jax.rollout.engine import chunk_width, compact_size
+from searchr1_jax.rollout.engine import chunk_width, compact_sizes
 from searchr1_jax.rollout.observations import (closing_text, corrective_text, observation_ids,
                                                passages_text)
 from searchr1_jax.rollout.sampling import SamplingParams, filter_logits, sample_tokens
@@ -267,7 +267,9 @@ def test_chunk_width():
     assert chunk_width(4000) == 4032 and chunk_width(3000) == 3008
 
 
-def test_compact_size_hand_values():
-    # a quarter of the rows, rounded up to the batch shards, only if at most half the batch
-    assert [compact_size(16, 1), compact_size(40, 1), compact_size(16, 8), compact_size(8, 8)] == [4, 10, 8, 0]
-    assert [compact_size(8, 1), compact_size(2, 1), compact_size(1, 1), compact_size(64, 16)] == [2, 1, 0, 16]
+def test_compact_sizes_hand_values():
+    # rows per shard of the later decode phases: a half and a quarter of a shard's rows
+    assert [compact_sizes(16, 1), compact_sizes(16, 2), compact_sizes(16, 8), compact_sizes(8, 8)] == \
+        [[8, 4], [4, 2], [1], []]
+    assert [compact_sizes(8, 1), compact_sizes(3, 1), compact_sizes(1, 1), compact_sizes(64, 16)] == \
+        [[4, 2], [1], [], [2, 1]]

@@ -13,10 +13,10 @@ row at once (finished rows get an all-padding chunk there) never runs past the e
 
 Decode runs one `lax.while_loop` per turn, each step a one-token append; prefill and
 observations append in pieces of APPEND_PIECE tokens. Both go through the decoder's own
-chunked append (`Decoder.extend_hidden`). A turn's loop runs over all rows until few are
-still generating, then over those rows alone, gathered into a small batch (`compact_size`):
-a decode step reads every row's cache, and most rows of a turn stop long before its last
-one does.
+chunked append (`Decoder.extend_hidden`). A turn's loop runs over all rows until half are
+still generating, then over those rows gathered into half the batch, then into a quarter
+(`compact_sizes`; with a mesh, within each batch shard): a decode step reads every row's
+cache, and most rows of a turn stop long before its last one does.
 
 Windows: every call works on the first `window` slots only (a static multiple of
 WINDOW_STEP that the caller picks to cover every row's next writes), so attention reads the
@@ -124,11 +124,12 @@ class LoopState:
     step: jax.Array
 
 
-def compact_size(rows: int, shards: int) -> int:
-    """Rows of the second decode phase (0: none): a quarter of the batch, rounded up to a
-    multiple of the batch shards, when that is at most half of it."""
-    size = -(-max(1, rows // 4) // shards) * shards
-    return size if 2 * size <= rows else 0
+def compact_sizes(rows: int, shards: int) -> list[int]:
+    """Rows per batch shard of the decode phases after the first (each phase runs until at
+    most the next one's rows are still generating in every shard): a half and a quarter of
+    a shard's rows, those that are at least one."""
+    per_shard = rows // shards
+    return [size for size in (per_shard // 2, per_shard // 4) if size > 0]
 
 
 class RolloutEngine:
@@ -158,7 +159,7 @@ class RolloutEngine:
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
         self._append = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(4,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(7, 8))
-        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(9,))
+        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(9, 10))
 
     def window_for(self, slots: int) -> int:
         """The window (a multiple of WINDOW_STEP, at most the capacity) covering `slots`."""
@@ -209,9 +210,10 @@ class RolloutEngine:
         search_enabled), after an EOS id, after max_new_tokens tokens, or when it holds
         `budget` tokens. lengths [R]: the rows' current lengths (a host copy).
 
-        Two phases: the loop runs over all rows until at most `compact_size` rows are still
-        generating (a turn's tail is often one or two long rows), then over those rows alone,
-        gathered into a small batch, so each step reads a fraction of the cache. Greedy
+        Phases: the loop runs over all rows until at most half of each batch shard's rows are
+        still generating, then over a gathered half, then a quarter (`compact_sizes`): a
+        turn's tail is often one or two long rows, and a step over a smaller batch reads a
+        fraction of the cache. Greedy
         decoding gives the same tokens either way; sampling draws from the same distributions
         (the random numbers of a row depend on the batch it is in).
         """
@@ -220,31 +222,38 @@ class RolloutEngine:
         needed = int(lengths.max()) + 1  # idle rows still write one (invalid) slot per step
         if active.any():
             needed = max(needed, int(lengths[active].max()) + self.max_new_tokens)
-        per_shard = compact_size(rows, shards) // shards
+        sizes = compact_sizes(rows, shards)
         state, result, loop = self._decode(params, self.stop_packed, self.eos_ids, state,
                                            self.put_rows(active.astype(bool)), key,
-                                           jnp.asarray(search_enabled), self.window_for(needed), per_shard)
-        if not per_shard:
-            return state, result
-        still, step = jax.device_get((loop.active, loop.step))
-        still = np.asarray(still)
-        if not still.any() or int(step) >= self.max_new_tokens:
-            return state, result
-        # Each shard gathers its own rows, so no row crosses devices: its still-active ones
-        # and, to fill the batch, idle ones (left as they are), the shortest first to keep the
-        # window small. The window covers every chosen row's slots, since even an idle row
-        # writes one scratch slot per step at its length.
-        local = []
-        for first in range(0, rows, rows // shards):
-            own = still[first:first + rows // shards]
+                                           jnp.asarray(search_enabled), self.window_for(needed),
+                                           sizes[0] if sizes else 0)
+        for stage, per_shard in enumerate(sizes):
+            still, step = jax.device_get((loop.active, loop.step))
+            still = np.asarray(still)
+            if not still.any() or int(step) >= self.max_new_tokens:
+                break
+            local = self._rows_to_gather(still, lengths, per_shard)
+            chosen = local + np.arange(0, rows, rows // shards)[:, None]
+            window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
+            exit_rows = sizes[stage + 1] if stage + 1 < len(sizes) else 0
+            state, result, loop = self._decode_rows(
+                params, self.stop_packed, self.eos_ids, state, result, loop, self.put_rows(local),
+                key, jnp.asarray(search_enabled), window, exit_rows)
+        return state, result
+
+    def _rows_to_gather(self, still: np.ndarray, lengths: np.ndarray, per_shard: int) -> np.ndarray:
+        """Indices [shards, per_shard] within each batch shard of the rows a compacted phase
+        runs on: the shard's still-active rows and, to fill the batch, idle ones (left as
+        they are), the shortest first to keep the window small. Each shard gathers its own
+        rows, so no row crosses devices; the window must cover every chosen row's slots,
+        since even an idle row writes one scratch slot per step at its length."""
+        rows, local = still.shape[0], []
+        for first in range(0, rows, rows // self.batch_shards):
+            own = still[first:first + rows // self.batch_shards]
             idle = np.flatnonzero(~own)
             idle = idle[np.argsort(lengths[first + idle], kind="stable")][:per_shard - own.sum()]
             local.append(np.concatenate([np.flatnonzero(own), idle]))
-        local = np.stack(local).astype(np.int32)  # [shards, per_shard]
-        chosen = local + np.arange(0, rows, rows // shards)[:, None]
-        window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
-        return self._decode_rows(params, self.stop_packed, self.eos_ids, state, result, loop,
-                                 self.put_rows(local), key, jnp.asarray(search_enabled), window)
+        return np.stack(local).astype(np.int32)
 
     # -- jitted bodies ----------------------------------------------------------------------
     def _prefill_impl(self, params, tokens, mask, n_samples):
@@ -315,9 +324,10 @@ class RolloutEngine:
         return self._constrain(merge_window(full_state, state)), result, loop
 
     def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, local, key,
-                          search_enabled, window):
-        """The rest of a turn for a few rows only, gathered into a small batch: local
-        [shards, C] picks rows of each batch shard (indices within the shard)."""
+                          search_enabled, window, exit_rows):
+        """More of a turn for a few rows only, gathered into a small batch: local
+        [shards, C] picks rows of each batch shard (indices within the shard). Runs until
+        every shard has at most exit_rows of them still active."""
         model = nnx.merge(self.graphdef, params)
         whole = slot_window(full_state, window)
         shards, per_shard = local.shape
@@ -336,11 +346,14 @@ class RolloutEngine:
         part = self._constrain(jax.tree.map(take, result))
         part_loop = loop.replace(active=take(loop.active), automaton=take(loop.automaton),
                                  limit=take(loop.limit))
-        state, part, _ = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop, key,
-                                         search_enabled, 0)
+        state, part, part_loop = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop,
+                                                 key, search_enabled, exit_rows)
         whole = self._constrain(jax.tree.map(put, whole, state))
         result = self._constrain(jax.tree.map(put, result, part))
-        return self._constrain(merge_window(full_state, whole)), result
+        loop = LoopState(active=put(loop.active, part_loop.active),
+                         automaton=put(loop.automaton, part_loop.automaton),
+                         limit=loop.limit, step=part_loop.step)
+        return self._constrain(merge_window(full_state, whole)), result, loop
 
     def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, key, search_enabled,
                    exit_rows):
