@@ -113,9 +113,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         return _attend_all(q, k, v, mask)
     if extent is None or k.shape[3] <= KV_BLOCK:
         return attend_in_row_blocks(q, k, v, mask, rows)
-    # Scores are held KV_BLOCK slots at a time, so blocks can take more rows.
-    return attend_in_row_blocks(q, k, v, mask, cpu_rows_per_block(b, h * t * KV_BLOCK * 4, shards),
-                                extent)
+    # Scores are held KV_BLOCK slots at a time; one row per device at a time, so that each
+    # stops at its own extent.
+    return attend_in_row_blocks(q, k, v, mask, shards, extent)
 
 
 def cpu_rows_per_block(batch: int, score_bytes_per_row: int, multiple: int = 1) -> int:
