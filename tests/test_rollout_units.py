@@ -268,8 +268,8 @@ def test_chunk_width():
 
 
 def test_compact_sizes_hand_values():
-    # rows per shard of the later decode phases: a half and a quarter of a shard's rows
+    # rows per shard of the compacted phase: a quarter of a shard's rows if at most half
     assert [compact_sizes(16, 1), compact_sizes(16, 2), compact_sizes(16, 8), compact_sizes(8, 8)] == \
-        [[8, 4], [4, 2], [1], []]
+        [[4], [2], [1], []]
     assert [compact_sizes(8, 1), compact_sizes(3, 1), compact_sizes(1, 1), compact_sizes(64, 16)] == \
-        [[4, 2], [1], [], [2, 1]]
+        [[2], [1], [], [1]]
