@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 from roofline import Shape, measure_machine  # noqa: E402
 from searchr1_jax.models import Decoder  # noqa: E402
 from searchr1_jax.models.config import config_from_hf_dict  # noqa: E402
-from searchr1_jax.rollout.engine import RolloutEngine  # noqa: E402
+from searchr1_jax.rollout.engine import RolloutEngine, chunk_width  # noqa: E402
 from searchr1_jax.rollout.sampling import SamplingParams  # noqa: E402
 from searchr1_jax.rollout.stops import build_stop_table  # noqa: E402
 
@@ -75,14 +75,16 @@ def run_ours(shape: str, batch: int, context: int, new_tokens: int) -> dict:
     model = Decoder(cfg, rngs=nnx.Rngs(SEED), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = nnx.state(model)
     budget = context + new_tokens + 1
+    width = chunk_width(context)  # prompts are appended in whole pieces: right-padded to this
     engine = RolloutEngine(
-        model, capacity=budget + 1, budget=budget, max_new_tokens=new_tokens,
+        model, capacity=max(budget + 1, width), budget=budget, max_new_tokens=new_tokens,
         sampling=SamplingParams(greedy=True),
         # No token text holds a stop-string character: nothing stops before new_tokens.
         stop_table=build_stop_table(["x"] * cfg.vocab_size, "</search>", "</answer>"),
         eos_ids=[])
-    prompts = np.random.RandomState(SEED).randint(0, cfg.vocab_size, (batch, context))
-    mask = np.ones_like(prompts)
+    prompts = np.zeros((batch, width), np.int32)
+    prompts[:, :context] = np.random.RandomState(SEED).randint(0, cfg.vocab_size, (batch, context))
+    mask = (np.arange(width) < context)[None].repeat(batch, axis=0).astype(np.int32)
     lengths = np.full(batch, context)
     everyone = np.ones(batch, bool)
     timings = {}
