@@ -210,9 +210,8 @@ def our_layouts(model: Decoder, batch: int) -> dict:
     """name -> (mesh or None, the weights placed for it): one device, and (with several CPU
     devices whose count divides the batch) the rows sharded over all of them, the weights
     copied to each."""
-    first = jax.devices()[0]
-    layouts = {"1 device": (None, jax.device_put(nnx.state(model), first))}
     devices = jax.devices()
+    layouts = {"1 device": (None, jax.device_put(nnx.state(model), devices[0]))}
     if len(devices) > 1 and devices[0].platform == "cpu" and batch % len(devices) == 0:
         mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,))
         layouts[f"{len(devices)} host devices"] = (
@@ -341,8 +340,10 @@ def bench_size(size: str, args, tokenizer, retriever, machine: Machine) -> dict:
         (rows, trajectory), seconds, repeats = fastest(
             lambda: run_ours(driver, prompts, retriever, params))
         tokens = int(np.asarray(trajectory.loss_mask).sum())
-        bound = rollout_bounds(Shape.of(model.config), machine, rows)["kv-cache"]
+        bounds = rollout_bounds(Shape.of(model.config), machine, rows)
+        bound = bounds["kv-cache"]
         result["runs"][layout] = dict(rows=rows, seconds=seconds, warmup=warm, policy_tokens=tokens,
+                                      bounds=bounds,
                                       finish={r: int((trajectory.finish_reason == r).sum())
                                               for r in ("answer", "max_turns", "context_budget")})
         print(f"[{size}] ours, {layout}: {tokens} policy tokens in {seconds:.2f}s (fastest of "
@@ -359,7 +360,7 @@ def bench_size(size: str, args, tokenizer, retriever, machine: Machine) -> dict:
                   obs_tokens=float(np.mean([len(o) for o in observation_ids(
                       tokenizer, [passages_text(p) for p in retriever.search(["q"], 3)], 500)[0]])),
                   finish=best["finish"])
-    bounds = rollout_bounds(Shape.of(model.config), machine, ours)
+    bounds = best["bounds"]
     result.update(bound_ours=bounds["kv-cache"].total, bound_theirs=bounds["re-prefill"].total)
     print(f"[{size}] roofline: our algorithm needs >= {bounds['kv-cache'].total:.2f}s "
           f"(prompts and observations {bounds['kv-cache'].prefill:.2f}s, decode "

@@ -163,8 +163,7 @@ def _attend_prefix(q, k, v, mask, extent) -> jax.Array:
     b, t, h, d = q.shape
     kvh, slots = k.shape[1], k.shape[3]
     g = h // kvh
-    q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    q = q * (1.0 / math.sqrt(d))
+    q = _grouped_queries(q, kvh) * (1.0 / math.sqrt(d))
 
     def step(i, carry):
         top, total, acc = carry  # [b, kvh, g*t] (twice), [b, kvh, g*t, d]
@@ -189,21 +188,32 @@ def _attend_prefix(q, k, v, mask, extent) -> jax.Array:
     init = (jnp.full((b, kvh, g * t), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g * t), jnp.float32),
             jnp.zeros((b, kvh, g * t, d), jnp.float32))
     _, total, acc = jax.lax.fori_loop(0, -(-extent // KV_BLOCK), step, init)
-    out = (acc / total[..., None]).astype(v.dtype)
-    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return _ungrouped((acc / total[..., None]).astype(v.dtype), t)
+
+
+def _grouped_queries(q: jax.Array, kvh: int) -> jax.Array:
+    """q [B, T, H, D] → [B, KVH, G*T, D]: each KV head's queries as one matrix, so both
+    products are plain batched matmuls over (row, kv head); XLA's CPU dot is several times
+    slower on the 5-D forms."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, -1, d)
+
+
+def _ungrouped(out: jax.Array, t: int) -> jax.Array:
+    """The inverse of _grouped_queries: [B, KVH, G*T, D] → [B, T, H, D]."""
+    b, kvh, _, d = out.shape
+    return out.reshape(b, kvh, -1, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
 
 
 def _attend_all(q, k, v, mask) -> jax.Array:
-    # Each KV head's queries as one [G * T, D] matrix, so both products are plain batched
-    # matmuls over (row, kv head); XLA's CPU dot is several times slower on the 5-D forms.
     b, t, h, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkqd,bkds->bkqs", _grouped_queries(q, kvh), k,
+                        preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores.reshape(b, kvh, g, t, -1), mask[:, None, None], d)
     out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kvh, g * t, -1).astype(v.dtype), v)
-    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return _ungrouped(out, t)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array, head_dim: int) -> jax.Array:

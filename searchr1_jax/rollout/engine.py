@@ -125,9 +125,9 @@ class LoopState:
 
 
 def compact_sizes(rows: int, shards: int) -> list[int]:
-    """Rows per batch shard of the decode phases after the first (each phase runs until at
-    most the next one's rows are still generating in every shard): one phase of a quarter
-    of a shard's rows (at least one), when that is at most half of them.
+    """Rows per batch shard of the compacted decode phase (the first phase runs until at most
+    that many rows are still generating in every shard), as a list: empty for no such phase,
+    else a quarter of a shard's rows (at least one), when that is at most half of them.
 
     A middle phase of half the rows was 1-2% faster on the benchmark, but the random draws
     of a sampled row depend on its batch, so every new phase changes what a sampled rollout
@@ -163,7 +163,7 @@ class RolloutEngine:
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
         self._append = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(4,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(7, 8))
-        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(9, 10))
+        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(9,))
 
     def window_for(self, slots: int) -> int:
         """The window (a multiple of WINDOW_STEP, at most the capacity) covering `slots`."""
@@ -217,9 +217,9 @@ class RolloutEngine:
         Phases: the loop runs over all rows until at most a quarter of each batch shard's rows
         are still generating, then over those rows gathered into a quarter of the batch
         (`compact_sizes`): a turn's tail is often one or two long rows, and a step over a
-        smaller batch reads a fraction of the cache. Greedy decoding gives the same tokens either way; sampling
-        draws from the same distributions (the random numbers of a row depend on the batch
-        it is in).
+        smaller batch reads a fraction of the cache. Greedy decoding gives the same tokens
+        either way; sampling draws from the same distributions (the random numbers of a row
+        depend on the batch it is in).
         """
         lengths = np.asarray(lengths)
         rows, shards = active.shape[0], self.batch_shards
@@ -231,29 +231,27 @@ class RolloutEngine:
                                            self.put_rows(active.astype(bool)), key,
                                            jnp.asarray(search_enabled), self.window_for(needed),
                                            sizes[0] if sizes else 0)
-        for stage, per_shard in enumerate(sizes):
-            still, step = jax.device_get((loop.active, loop.step))
-            still = np.asarray(still)
-            if not still.any() or int(step) >= self.max_new_tokens:
-                break
-            local = self._rows_to_gather(still, lengths, per_shard)
-            chosen = local + np.arange(0, rows, rows // shards)[:, None]
-            window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
-            exit_rows = sizes[stage + 1] if stage + 1 < len(sizes) else 0
-            state, result, loop = self._decode_rows(
-                params, self.stop_packed, self.eos_ids, state, result, loop, self.put_rows(local),
-                key, jnp.asarray(search_enabled), window, exit_rows)
-        return state, result
+        if not sizes:
+            return state, result
+        still, step = jax.device_get((loop.active, loop.step))
+        still = np.asarray(still)
+        if not still.any() or int(step) >= self.max_new_tokens:
+            return state, result
+        local = self._rows_to_gather(still, lengths, sizes[0])
+        chosen = local + np.arange(0, rows, rows // shards)[:, None]
+        window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
+        return self._decode_rows(params, self.stop_packed, self.eos_ids, state, result, loop,
+                                 self.put_rows(local), key, jnp.asarray(search_enabled), window)
 
     def _rows_to_gather(self, still: np.ndarray, lengths: np.ndarray, per_shard: int) -> np.ndarray:
-        """Indices [shards, per_shard] within each batch shard of the rows a compacted phase
+        """Indices [shards, per_shard] within each batch shard of the rows the compacted phase
         runs on: the shard's still-active rows and, to fill the batch, idle ones (left as
         they are), the shortest first to keep the window small. Each shard gathers its own
         rows, so no row crosses devices; the window must cover every chosen row's slots,
         since even an idle row writes one scratch slot per step at its length."""
-        rows, local = still.shape[0], []
-        for first in range(0, rows, rows // self.batch_shards):
-            own = still[first:first + rows // self.batch_shards]
+        shard_rows, local = still.shape[0] // self.batch_shards, []
+        for first in range(0, still.shape[0], shard_rows):
+            own = still[first:first + shard_rows]
             idle = np.flatnonzero(~own)
             idle = idle[np.argsort(lengths[first + idle], kind="stable")][:per_shard - own.sum()]
             local.append(np.concatenate([np.flatnonzero(own), idle]))
@@ -328,10 +326,9 @@ class RolloutEngine:
         return self._constrain(merge_window(full_state, state)), result, loop
 
     def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, local, key,
-                          search_enabled, window, exit_rows):
-        """More of a turn for a few rows only, gathered into a small batch: local
-        [shards, C] picks rows of each batch shard (indices within the shard). Runs until
-        every shard has at most exit_rows of them still active."""
+                          search_enabled, window):
+        """The rest of a turn for a few rows only, gathered into a small batch: local
+        [shards, C] picks rows of each batch shard (indices within the shard)."""
         model = nnx.merge(self.graphdef, params)
         whole = slot_window(full_state, window)
         shards, per_shard = local.shape
@@ -350,14 +347,11 @@ class RolloutEngine:
         part = self._constrain(jax.tree.map(take, result))
         part_loop = loop.replace(active=take(loop.active), automaton=take(loop.automaton),
                                  limit=take(loop.limit))
-        state, part, part_loop = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop,
-                                                 key, search_enabled, exit_rows)
+        state, part, _ = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop, key,
+                                         search_enabled, 0)
         whole = self._constrain(jax.tree.map(put, whole, state))
         result = self._constrain(jax.tree.map(put, result, part))
-        loop = LoopState(active=put(loop.active, part_loop.active),
-                         automaton=put(loop.automaton, part_loop.automaton),
-                         limit=loop.limit, step=part_loop.step)
-        return self._constrain(merge_window(full_state, whole)), result, loop
+        return self._constrain(merge_window(full_state, whole)), result
 
     def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, key, search_enabled,
                    exit_rows):
