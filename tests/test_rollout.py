@@ -328,6 +328,33 @@ def test_sharded_rollout_equals_unsharded(policy, tokenizer, greedy_run):
         driver.run(_prompt_ids(tokenizer)[:3], ScriptedRetriever(), jax.random.key(0), params=params)
 
 
+def test_sampled_rollout_is_the_same_however_rows_are_batched(policy, tokenizer, monkeypatch):
+    """Draws are keyed by row and token index, so a sampled rollout does not depend on the
+    layout: unsharded with the compacted phase (16 rows, the last 4 of a turn go on alone),
+    sharded over 8 devices (2 rows each, the last one alone), and without any compacted
+    phase, it samples the same tokens."""
+    def run(mesh=None):
+        params = None if mesh is None else jax.device_put(nnx.state(policy), NamedSharding(mesh, PartitionSpec()))
+        return RolloutDriver(policy, tokenizer, SAMPLED, mesh=mesh).run(
+            _prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(5), params=params)
+
+    gathered = []
+    real_impl = engine_module.RolloutEngine._decode_rows_impl
+    monkeypatch.setattr(engine_module.RolloutEngine, "_decode_rows_impl",
+                        lambda self, *a: gathered.append(a[6].shape) or real_impl(self, *a))
+    unsharded = run()
+    sharded = run(Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp")))
+    assert {(1, 4), (8, 1)} <= set(gathered), gathered
+    monkeypatch.setattr(engine_module, "compact_sizes", lambda rows, shards: [])
+    whole = run()
+    assert unsharded.tokens.shape[0] == 16 and unsharded.searches.sum() >= 3
+    for got in (sharded, whole):
+        for field in ("tokens", "loss_mask", "response_end", "searches", "turns"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, field)),
+                                          np.asarray(getattr(unsharded, field)), err_msg=field)
+        # float rounding of differently shaped batches, scaled by 1 / temperature
+        np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(unsharded.logprobs), atol=1e-4)
+
 
 def test_compacted_tail_on_two_shards_stays_on_each_shard(policy, tokenizer, greedy_run):
     """8 rows over 2 batch shards: each shard gathers its own last row of a turn (1 of its 4),

@@ -21,7 +21,7 @@ from searchr1_jax.rollout.config import RolloutConfig
 from searchr1_jax.rollout.engine import chunk_width, compact_sizes
 from searchr1_jax.rollout.observations import (closing_text, corrective_text, observation_ids,
                                                passages_text)
-from searchr1_jax.rollout.sampling import SamplingParams, filter_logits, sample_tokens
+from searchr1_jax.rollout.sampling import SamplingParams, filter_logits, row_keys, sample_tokens
 from searchr1_jax.rollout.stops import (NOT_STOPPED, STOP_ANSWER, STOP_SEARCH,
                                         build_char_automaton, build_stop_table,
                                         check_token_texts, stop_step, token_texts)
@@ -177,13 +177,32 @@ def test_filter_logits_hand_computed():
 def test_sample_tokens_distribution_and_full_logprobs():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]] * 4000))
     params = SamplingParams(temperature=2.0, top_k=3, top_p=1.0)
-    tokens, logprobs = sample_tokens(logits, jax.random.key(0), params)
+    tokens, logprobs = sample_tokens(logits, jax.random.split(jax.random.key(0), 4000), params)
     tempered = np.asarray([0.05, 0.5, 0.15, 0.3]) ** 0.5
     want_full = np.log(tempered / tempered.sum())
     np.testing.assert_allclose(np.asarray(logprobs), want_full[np.asarray(tokens)], rtol=1e-5)
     freq = np.bincount(np.asarray(tokens), minlength=4) / 4000
     nucleus = np.where(np.arange(4) == 0, 0.0, tempered)
     np.testing.assert_allclose(freq, nucleus / nucleus.sum(), atol=0.03)
+
+
+def test_row_keyed_draws_do_not_depend_on_the_batch():
+    """A row's draw depends on its own logits, id and draw count only: sampled alone, in
+    another batch, or at another position, it draws the same token."""
+    rng = np.random.RandomState(0)
+    logits = jnp.asarray(rng.normal(0, 1, (6, 50)), jnp.float32)
+    ids, draws = jnp.arange(6, dtype=jnp.int32) + 10, jnp.asarray([0, 3, 1, 0, 7, 2], jnp.int32)
+    key, params = jax.random.key(1), SamplingParams(temperature=1.0)
+    together, _ = sample_tokens(logits, row_keys(key, ids, draws), params)
+    order = np.asarray([4, 1, 5])
+    apart, _ = sample_tokens(logits[order], row_keys(key, ids[order], draws[order]), params)
+    assert np.asarray(apart).tolist() == np.asarray(together)[order].tolist()
+    # Another id or draw count is another draw: over 6 rows of 50 near-equal tokens, some differ.
+    flat = jnp.zeros((6, 50))
+    first, _ = sample_tokens(flat, row_keys(key, ids, draws), params)
+    other_ids, _ = sample_tokens(flat, row_keys(key, ids + 1, draws), params)
+    later, _ = sample_tokens(flat, row_keys(key, ids, draws + 1), params)
+    assert (first != other_ids).any() and (first != later).any()
 
 
 def test_greedy_records_temperature_one_logprobs():

@@ -106,8 +106,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         return _attend_all(q, k, v, mask)
     # The batch may be sharded over the devices (CPU devices when a host is split into one
     # per core); a block of a multiple of that many rows stays split over them, where a
-    # smaller one would be gathered onto every device.
-    shards = math.gcd(b, jax.device_count())
+    # smaller one would be gathered onto every device. Inside a shard_map (the rollout
+    # engine's calls) the rows at hand are this device's own.
+    manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
+    shards = 1 if manual else math.gcd(b, jax.device_count())
     rows = cpu_rows_per_block(b, h * t * k.shape[3] * 4, shards)
     if rows == b:  # all scores fit at once (decode steps, short chunks)
         return _attend_all(q, k, v, mask)

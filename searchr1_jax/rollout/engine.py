@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from searchr1_jax.models.decoder import Decoder
 from searchr1_jax.models.kv_cache import KVCache, chunk_extent, write_rows
-from searchr1_jax.rollout.sampling import SamplingParams, sample_tokens
+from searchr1_jax.rollout.sampling import SamplingParams, row_keys, sample_tokens
 from searchr1_jax.rollout.stops import (NOT_STOPPED, STOP_EOS, STOP_LENGTH, StopTable,
                                         stop_step)
 
@@ -116,12 +116,11 @@ def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
 class LoopState:
     """Where a turn's decode loop stopped: active [R] bool (rows still generating), automaton
     [R] int32 (stop-string matcher states), limit [R] int32 (each row's token allowance this
-    turn), step (tokens decoded so far, a scalar)."""
+    turn). A row still active has decoded as many tokens as the loop ran steps (its count)."""
 
     active: jax.Array
     automaton: jax.Array
     limit: jax.Array
-    step: jax.Array
 
 
 def compact_sizes(rows: int, shards: int) -> list[int]:
@@ -129,9 +128,7 @@ def compact_sizes(rows: int, shards: int) -> list[int]:
     that many rows are still generating in every shard), as a list: empty for no such phase,
     else a quarter of a shard's rows (at least one), when that is at most half of them.
 
-    A middle phase of half the rows was 1-2% faster on the benchmark, but the random draws
-    of a sampled row depend on its batch, so every new phase changes what a sampled rollout
-    generates (and the reduced demo's learning outcome); it is not worth that."""
+    """
     size = max(1, rows // shards // 4)
     return [size] if 2 * size <= rows // shards else []
 
@@ -143,7 +140,9 @@ class RolloutEngine:
     trainer can update them between rollouts). capacity, budget: slots per row (see module
     doc). stop_table: from `stops.build_stop_table`; eos_ids: token ids that end a turn.
     mesh: the batch dimension of every state array is sharded over its "data" and "fsdp"
-    axes (those it has); the caller places the weights.
+    axes (those it has), and appends and decode turns run on each batch shard's rows alone
+    (`_map_shards`): rows never interact, so each device loops over its own rows without
+    waiting for the others, with the weights replicated over those axes for the call.
     """
 
     def __init__(self, model: Decoder, *, capacity: int, budget: int, max_new_tokens: int,
@@ -162,8 +161,8 @@ class RolloutEngine:
         self.eos_ids = jax.device_put(eos, replicated)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
         self._append = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(4,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(7, 8))
-        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(9,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(8, 9))
+        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(10,))
 
     def window_for(self, slots: int) -> int:
         """The window (a multiple of WINDOW_STEP, at most the capacity) covering `slots`."""
@@ -175,6 +174,20 @@ class RolloutEngine:
         if self.mesh is None:
             return 1
         return math.prod(self.mesh.shape[a] for a in self.batch_axes)
+
+    def _map_shards(self, fn, row_args: Sequence[bool]):
+        """fn run on each batch shard's own rows: a shard_map over the mesh's batch axes, the
+        arguments flagged in `row_args` (arrays, or trees of them, whose leading dimension is
+        the rows) split by rows, the others replicated; every output is a row array (tree).
+        Without batch axes, fn itself. Other mesh axes (tensor) stay automatic inside."""
+        if not self.batch_axes:
+            return fn
+        rows = PartitionSpec(self.batch_axes)
+        # check_vma off: the loops' carries start from fresh constants (the same on every
+        # shard) and become per-shard values, which the checker would make us annotate.
+        return jax.shard_map(fn, mesh=self.mesh, out_specs=rows, axis_names=frozenset(self.batch_axes),
+                             in_specs=tuple(rows if split else PartitionSpec() for split in row_args),
+                             check_vma=False)
 
     def _constrain(self, tree):
         """Shard the leading (row) dimension of every array in `tree` over the batch axes."""
@@ -217,9 +230,9 @@ class RolloutEngine:
         Phases: the loop runs over all rows until at most a quarter of each batch shard's rows
         are still generating, then over those rows gathered into a quarter of the batch
         (`compact_sizes`): a turn's tail is often one or two long rows, and a step over a
-        smaller batch reads a fraction of the cache. Greedy decoding gives the same tokens
-        either way; sampling draws from the same distributions (the random numbers of a row
-        depend on the batch it is in).
+        smaller batch reads a fraction of the cache. Draws are keyed by row id and token index
+        (`sampling.row_keys`), so the phases, like the sharding, change nothing a row
+        generates.
         """
         lengths = np.asarray(lengths)
         rows, shards = active.shape[0], self.batch_shards
@@ -227,21 +240,22 @@ class RolloutEngine:
         if active.any():
             needed = max(needed, int(lengths[active].max()) + self.max_new_tokens)
         sizes = compact_sizes(rows, shards)
+        row_ids = self.put_rows(np.arange(rows, dtype=np.int32))
         state, result, loop = self._decode(params, self.stop_packed, self.eos_ids, state,
-                                           self.put_rows(active.astype(bool)), key,
+                                           self.put_rows(active.astype(bool)), row_ids, key,
                                            jnp.asarray(search_enabled), self.window_for(needed),
                                            sizes[0] if sizes else 0)
         if not sizes:
             return state, result
-        still, step = jax.device_get((loop.active, loop.step))
-        still = np.asarray(still)
-        if not still.any() or int(step) >= self.max_new_tokens:
+        still = np.asarray(jax.device_get(loop.active))
+        if not still.any():
             return state, result
         local = self._rows_to_gather(still, lengths, sizes[0])
         chosen = local + np.arange(0, rows, rows // shards)[:, None]
         window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
         return self._decode_rows(params, self.stop_packed, self.eos_ids, state, result, loop,
-                                 self.put_rows(local), key, jnp.asarray(search_enabled), window)
+                                 self.put_rows(local), row_ids, key, jnp.asarray(search_enabled),
+                                 window)
 
     def _rows_to_gather(self, still: np.ndarray, lengths: np.ndarray, per_shard: int) -> np.ndarray:
         """Indices [shards, per_shard] within each batch shard of the rows the compacted phase
@@ -275,9 +289,11 @@ class RolloutEngine:
         return self._constrain(state)
 
     def _append_impl(self, params, state, tokens, mask, window):
-        model = nnx.merge(self.graphdef, params)
-        part = self._append_to(model, slot_window(state, window), tokens, mask)
-        return self._constrain(merge_window(state, part))
+        def per_shard(params, state, tokens, mask):
+            model = nnx.merge(self.graphdef, params)
+            return merge_window(state, self._append_to(model, slot_window(state, window), tokens, mask))
+
+        return self._map_shards(per_shard, (False, True, True, True))(params, state, tokens, mask)
 
     def _append_to(self, model, state: RolloutState, tokens, mask) -> RolloutState:
         rows, width = tokens.shape
@@ -311,70 +327,66 @@ class RolloutEngine:
             logprobs=write_rows(state.logprobs, jnp.zeros(tokens.shape, jnp.float32), start),
             policy=write_rows(state.policy, jnp.zeros(tokens.shape, bool), start))
 
-    def _decode_impl(self, params, stop_packed, eos_ids, full_state, active, key, search_enabled,
-                     window, exit_rows):
-        model = nnx.merge(self.graphdef, params)
-        state = slot_window(full_state, window)
-        rows, max_new = active.shape[0], self.max_new_tokens
-        limit = jnp.minimum(max_new, self.budget - state.cache.length)
-        active = active & (limit > 0)
-        zeros = jnp.zeros((rows,), jnp.int32)
-        result = TurnResult(outcome=zeros, count=zeros, turn_tokens=jnp.zeros((rows, max_new), jnp.int32))
-        loop = LoopState(active=active, automaton=zeros, limit=limit, step=jnp.asarray(0, jnp.int32))
-        state, result, loop = self._turn_loop(model, stop_packed, eos_ids, state, result, loop, key,
-                                              search_enabled, exit_rows)
-        return self._constrain(merge_window(full_state, state)), result, loop
+    def _decode_impl(self, params, stop_packed, eos_ids, full_state, active, row_ids, key,
+                     search_enabled, window, exit_rows):
+        def per_shard(params, stop_packed, eos_ids, full_state, active, row_ids, key, search_enabled):
+            model = nnx.merge(self.graphdef, params)
+            state = slot_window(full_state, window)
+            rows, max_new = active.shape[0], self.max_new_tokens
+            limit = jnp.minimum(max_new, self.budget - state.cache.length)
+            zeros = jnp.zeros((rows,), jnp.int32)
+            result = TurnResult(outcome=zeros, count=zeros, turn_tokens=jnp.zeros((rows, max_new), jnp.int32))
+            loop = LoopState(active=active & (limit > 0), automaton=zeros, limit=limit)
+            state, result, loop = self._turn_loop(model, stop_packed, eos_ids, state, result, loop,
+                                                  row_ids, key, search_enabled, exit_rows)
+            return merge_window(full_state, state), result, loop
 
-    def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, local, key,
-                          search_enabled, window):
+        return self._map_shards(per_shard, (False, False, False, True, True, True, False, False))(
+            params, stop_packed, eos_ids, full_state, active, row_ids, key, search_enabled)
+
+    def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, local,
+                          row_ids, key, search_enabled, window):
         """The rest of a turn for a few rows only, gathered into a small batch: local
         [shards, C] picks rows of each batch shard (indices within the shard)."""
-        model = nnx.merge(self.graphdef, params)
-        whole = slot_window(full_state, window)
-        shards, per_shard = local.shape
+        def per_shard(params, stop_packed, eos_ids, full_state, result, loop, local, row_ids, key,
+                      search_enabled):
+            model = nnx.merge(self.graphdef, params)
+            whole = slot_window(full_state, window)
+            picked = local.reshape(-1)  # this shard's row of `local`
 
-        def take(x):
-            grouped = x.reshape(shards, -1, *x.shape[1:])
-            picked = jax.vmap(lambda rows, i: rows[i])(grouped, local)
-            return picked.reshape(shards * per_shard, *x.shape[1:])
+            def take(x):
+                return x[picked]
 
-        def put(x, new):
-            grouped = x.reshape(shards, -1, *x.shape[1:])
-            new = new.reshape(shards, per_shard, *new.shape[1:])
-            return jax.vmap(lambda rows, i, n: rows.at[i].set(n))(grouped, local, new).reshape(x.shape)
+            def put(x, new):
+                return x.at[picked].set(new)
 
-        state = self._constrain(jax.tree.map(take, whole))
-        part = self._constrain(jax.tree.map(take, result))
-        part_loop = loop.replace(active=take(loop.active), automaton=take(loop.automaton),
-                                 limit=take(loop.limit))
-        state, part, _ = self._turn_loop(model, stop_packed, eos_ids, state, part, part_loop, key,
-                                         search_enabled, 0)
-        whole = self._constrain(jax.tree.map(put, whole, state))
-        result = self._constrain(jax.tree.map(put, result, part))
-        return self._constrain(merge_window(full_state, whole)), result
+            state, part, _ = self._turn_loop(model, stop_packed, eos_ids, jax.tree.map(take, whole),
+                                             jax.tree.map(take, result), jax.tree.map(take, loop),
+                                             take(row_ids), key, search_enabled, 0)
+            whole = jax.tree.map(put, whole, state)
+            return merge_window(full_state, whole), jax.tree.map(put, result, part)
 
-    def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, key, search_enabled,
-                   exit_rows):
-        """Decode until max_new_tokens steps are done or every batch shard has at most
-        exit_rows rows still active (0: none)."""
+        return self._map_shards(per_shard, (False, False, False, True, True, True, True, True, False, False))(
+            params, stop_packed, eos_ids, full_state, result, loop, local, row_ids, key, search_enabled)
+
+    def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, row_ids, key,
+                   search_enabled, exit_rows):
+        """Decode the rows (one batch shard's, or all) until at most exit_rows are still
+        active. Every active row stops within its limit (at most max_new_tokens), so the
+        loop ends. row_ids [R]: each row's index in the whole batch (it keys its draws)."""
         max_new = self.max_new_tokens
         window = state.tokens.shape[1]
         slots = jnp.arange(window, dtype=jnp.int32)
         turn_slots = jnp.arange(max_new, dtype=jnp.int32)
         limit = loop.limit
-        init = (state, loop.active, loop.automaton, result.outcome, result.count, result.turn_tokens, loop.step)
-
-        shards = self.batch_shards
+        init = (state, loop.active, loop.automaton, result.outcome, result.count, result.turn_tokens)
 
         def cond(carry):
-            # One reduction over the rows (with the rows sharded, a cross-device exchange).
-            _, active, *_, step = carry
-            most = jnp.max(jnp.sum(active.reshape(shards, -1), axis=1, dtype=jnp.int32))
-            return (step < max_new) & (most > exit_rows)
+            return jnp.sum(carry[1], dtype=jnp.int32) > exit_rows
 
         def body(carry):
-            state, active, automaton, outcome, count, turn_tokens, step = carry
-            token, logprob = sample_tokens(state.next_logits, jax.random.fold_in(key, step),
+            state, active, automaton, outcome, count, turn_tokens = carry
+            token, logprob = sample_tokens(state.next_logits, row_keys(key, row_ids, count),
                                            self.sampling)
             token = jnp.where(active, token, 0)
             next_automaton, hit = stop_step(stop_packed, automaton, token, search_enabled)
@@ -395,12 +407,10 @@ class RolloutEngine:
                 tokens=jnp.where(at_slot, token[:, None], state.tokens),
                 logprobs=jnp.where(at_slot, logprob[:, None], state.logprobs),
                 policy=state.policy | at_slot)
-            carry = (self._constrain(state), active & (stopped == NOT_STOPPED),
-                     jnp.where(active, next_automaton, automaton),
-                     jnp.where(active, stopped, outcome), new_count,
-                     jnp.where(at_turn, token[:, None], turn_tokens), step + 1)
-            return carry
+            return (state, active & (stopped == NOT_STOPPED), jnp.where(active, next_automaton, automaton),
+                    jnp.where(active, stopped, outcome), new_count,
+                    jnp.where(at_turn, token[:, None], turn_tokens))
 
-        state, active, automaton, outcome, count, turn_tokens, step = jax.lax.while_loop(cond, body, init)
+        state, active, automaton, outcome, count, turn_tokens = jax.lax.while_loop(cond, body, init)
         result = TurnResult(outcome=outcome, count=count, turn_tokens=turn_tokens)
-        return state, result, LoopState(active=active, automaton=automaton, limit=limit, step=step)
+        return state, result, LoopState(active=active, automaton=automaton, limit=limit)

@@ -1,5 +1,9 @@
 """Next-token choice from logits: greedy, or temperature sampling with top-k / top-p filters.
 
+Draws are keyed per row: row r's t-th token of a turn is drawn with `row_keys(turn key, r, t)`,
+so what a row samples depends only on its own logits, never on which rows share its batch,
+how the batch is sharded, or which decode phase the token falls in.
+
 The logprob returned with each token is `log_softmax(logits / temperature)[token]` over the
 full, unfiltered vocabulary (temperature 1 for greedy). That is exactly what a teacher-forced
 pass over the finished sequence computes, so PPO's old-policy logprobs can be taken from the
@@ -55,13 +59,20 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
-    """logits [R, V] float32 → (tokens [R] int32, logprobs [R] float32)."""
+def row_keys(key: jax.Array, row_ids: jax.Array, draws: jax.Array) -> jax.Array:
+    """The keys [R] of each row's next draw: `key` folded with the row's id, then with the
+    number of draws it made before (row_ids, draws: [R] int32)."""
+    return jax.vmap(lambda row, n: jax.random.fold_in(jax.random.fold_in(key, row), n))(row_ids, draws)
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams):
+    """logits [R, V] float32, keys [R] (one per row, unused when greedy) → (tokens [R] int32,
+    logprobs [R] float32)."""
     scaled = logits if params.greedy else logits / params.temperature
     if params.greedy:
         tokens = first_argmax(scaled)
     else:
         allowed = filter_logits(scaled, params.top_k, params.top_p)
-        tokens = jax.random.categorical(key, allowed, axis=-1).astype(jnp.int32)
+        tokens = jax.vmap(jax.random.categorical)(keys, allowed).astype(jnp.int32)
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen - jax.nn.logsumexp(scaled, axis=-1)
