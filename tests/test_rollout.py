@@ -202,20 +202,39 @@ def test_greedy_kv_cache_rollout_equals_full_recompute_reference(policy, tokeniz
     assert len(retriever.calls) <= GREEDY.max_turns
 
 
-def test_compacted_decode_tail_gives_the_same_greedy_rollout(policy, tokenizer, greedy_run, monkeypatch):
-    """The compacted decode phase (only the last rows of a turn, gathered into a smaller
-    batch) runs in the greedy rollout above (8 rows: the last 2 of a turn go on alone) and
-    changes nothing: the same rollout with every turn decoded over all rows gives the same
-    trajectory (logprobs to float rounding: the batches differ in shape, so the sums run in
-    another order)."""
-    gathered = set()
-    real_impl = engine_module.RolloutEngine._decode_rows_impl
-    monkeypatch.setattr(engine_module.RolloutEngine, "_decode_rows_impl",
-                        lambda self, *a: gathered.add(a[6].shape) or real_impl(self, *a))
+def _policy_segments(trajectory):
+    """Per row, the lengths of its runs of policy tokens: the tokens it decoded in each turn."""
+    runs = []
+    for row in np.asarray(trajectory.loss_mask):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row, [0]])))
+        runs.append((edges[1::2] - edges[::2]).tolist())
+    return runs
+
+
+@pytest.fixture
+def loop_batches(monkeypatch):
+    """The batch sizes that decode loops were traced for (the compacted phases included)."""
+    sizes = set()
+    real_loop = engine_module.RolloutEngine._turn_loop
+    monkeypatch.setattr(engine_module.RolloutEngine, "_turn_loop",
+                        lambda self, *a: sizes.add(a[6].shape[0]) or real_loop(self, *a))
+    return sizes
+
+
+def test_compacted_decode_phases_give_the_same_greedy_rollout(policy, tokenizer, greedy_run, loop_batches,
+                                                              monkeypatch):
+    """The compacted decode phases (the last half of a turn's rows, then the last quarter,
+    gathered into smaller batches) run in the greedy rollout above and change nothing: the
+    same rollout with every turn decoded over all rows gives the same trajectory (logprobs to
+    float rounding: the batches differ in shape, so the sums run in another order)."""
     compacted = RolloutDriver(policy, tokenizer, GREEDY).run(_prompt_ids(tokenizer), ScriptedRetriever(),
                                                              jax.random.key(0))
-    assert gathered == {(1, 2)}, "the compacted phase did not run"
-    monkeypatch.setattr(engine_module, "compact_sizes", lambda rows, shards: [])
+    assert loop_batches == {8, 4, 2}
+    # Some turn went on after all but two of its rows stopped: the last phase decoded tokens.
+    turns = max(map(len, _policy_segments(compacted)))
+    assert any(sorted(n)[-1] > sorted(n)[-3] for n in (
+        [runs[t] for runs in _policy_segments(compacted) if len(runs) > t] for t in range(turns)) if len(n) > 2)
+    monkeypatch.setattr(engine_module, "compact_sizes", lambda rows, shards: ())
     whole = RolloutDriver(policy, tokenizer, GREEDY).run(_prompt_ids(tokenizer), ScriptedRetriever(),
                                                          jax.random.key(0))
     expected, _ = greedy_run
@@ -328,24 +347,20 @@ def test_sharded_rollout_equals_unsharded(policy, tokenizer, greedy_run):
         driver.run(_prompt_ids(tokenizer)[:3], ScriptedRetriever(), jax.random.key(0), params=params)
 
 
-def test_sampled_rollout_is_the_same_however_rows_are_batched(policy, tokenizer, monkeypatch):
+def test_sampled_rollout_is_the_same_however_rows_are_batched(policy, tokenizer, loop_batches, monkeypatch):
     """Draws are keyed by row and token index, so a sampled rollout does not depend on the
-    layout: unsharded with the compacted phase (16 rows, the last 4 of a turn go on alone),
-    sharded over 8 devices (2 rows each, the last one alone), and without any compacted
-    phase, it samples the same tokens."""
+    layout: unsharded with the compacted phases (16 rows, then 8, then 4), sharded over 8
+    devices (2 rows each, then 1), and without any compacted phase, it samples the same
+    tokens."""
     def run(mesh=None):
         params = None if mesh is None else jax.device_put(nnx.state(policy), NamedSharding(mesh, PartitionSpec()))
         return RolloutDriver(policy, tokenizer, SAMPLED, mesh=mesh).run(
             _prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(5), params=params)
 
-    gathered = []
-    real_impl = engine_module.RolloutEngine._decode_rows_impl
-    monkeypatch.setattr(engine_module.RolloutEngine, "_decode_rows_impl",
-                        lambda self, *a: gathered.append(a[6].shape) or real_impl(self, *a))
     unsharded = run()
     sharded = run(Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp")))
-    assert {(1, 4), (8, 1)} <= set(gathered), gathered
-    monkeypatch.setattr(engine_module, "compact_sizes", lambda rows, shards: [])
+    assert loop_batches == {16, 8, 4, 2, 1}
+    monkeypatch.setattr(engine_module, "compact_sizes", lambda rows, shards: ())
     whole = run()
     assert unsharded.tokens.shape[0] == 16 and unsharded.searches.sum() >= 3
     for got in (sharded, whole):
@@ -356,15 +371,15 @@ def test_sampled_rollout_is_the_same_however_rows_are_batched(policy, tokenizer,
         np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(unsharded.logprobs), atol=1e-4)
 
 
-def test_compacted_tail_on_two_shards_stays_on_each_shard(policy, tokenizer, greedy_run):
-    """8 rows over 2 batch shards: each shard gathers its own last row of a turn (1 of its 4),
-    so the compacted call exchanges no rows between devices, and the rollout is the
-    unsharded one."""
+def test_decode_on_two_shards_exchanges_nothing(policy, tokenizer, greedy_run):
+    """8 rows over 2 batch shards: each device decodes its own 4 rows (then 2, then 1) and
+    gathers them on its own, so a decode call holds no collective at all, and the rollout is
+    the unsharded one."""
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     params = jax.device_put(nnx.state(policy), NamedSharding(mesh, PartitionSpec()))
     driver = RolloutDriver(policy, tokenizer, GREEDY, mesh=mesh)
     engine, calls = driver.engine, []
-    compiled_rows = engine._decode_rows
+    compiled_decode = engine._decode
 
     def recording(*args):
         def spec(x):  # mesh-placed arrays keep their sharding; the others (the key) are free
@@ -373,14 +388,14 @@ def test_compacted_tail_on_two_shards_stays_on_each_shard(policy, tokenizer, gre
             sharding = x.sharding if isinstance(x.sharding, NamedSharding) else None
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         calls.append(jax.tree.map(spec, args))
-        return compiled_rows(*args)
+        return compiled_decode(*args)
 
-    engine._decode_rows = recording
+    engine._decode = recording
     sharded = driver.run(_prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(0), params=params)
-    assert calls, "no turn reached the compacted phase"
-    assert {call[6].shape for call in calls} == {(2, 1)}  # [shards, rows per shard]
-    hlo = compiled_rows.lower(*calls[0]).compile().as_text()
-    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert calls and {call[-1] for call in calls} == {(2, 1)}  # the phases' rows per shard
+    hlo = compiled_decode.lower(*calls[-1]).compile().as_text()
+    for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
+        assert collective not in hlo, collective
     unsharded, _ = greedy_run
     for field in ("tokens", "loss_mask", "response_end"):
         np.testing.assert_array_equal(np.asarray(getattr(sharded, field)),

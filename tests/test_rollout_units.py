@@ -287,8 +287,8 @@ def test_chunk_width():
 
 
 def test_compact_sizes_hand_values():
-    # rows per shard of the compacted phase: a quarter of a shard's rows if at most half
+    # rows per shard of the phases after the first: half a shard's rows, then a quarter
     assert [compact_sizes(16, 1), compact_sizes(16, 2), compact_sizes(16, 8), compact_sizes(8, 8)] == \
-        [[4], [2], [1], []]
+        [(8, 4), (4, 2), (1,), ()]
     assert [compact_sizes(8, 1), compact_sizes(3, 1), compact_sizes(1, 1), compact_sizes(64, 16)] == \
-        [[2], [1], [], [1]]
+        [(4, 2), (1,), (), (2, 1)]

@@ -11,12 +11,15 @@ Slots: the cache holds `capacity` slots per row; a row never holds more than `bu
 tokens, and the slots above the budget are scratch room so that a chunk appended to every
 row at once (finished rows get an all-padding chunk there) never runs past the end.
 
-Decode runs one `lax.while_loop` per turn, each step a one-token append; prefill and
-observations append in pieces of APPEND_PIECE tokens. Both go through the decoder's own
-chunked append (`Decoder.extend_hidden`). A turn's loop runs over all rows until a quarter
-are still generating, then over those rows gathered into a quarter of the batch
-(`compact_sizes`; with a mesh, within each batch shard): a decode step reads every row's
-cache, and most rows of a turn stop long before its last one does.
+Decode runs one jitted call per turn, its steps one-token appends in `lax.while_loop`s;
+prefill and observations append in pieces of APPEND_PIECE tokens. Both go through the
+decoder's own chunked append (`Decoder.extend_hidden`). A turn's loop runs over all rows
+until half are still generating, then over those rows gathered into half the batch, then a
+quarter (`compact_sizes`): a decode step reads every row's cache, and most rows of a turn
+stop long before its last one does.
+
+With a mesh, appends and decode turns run on each batch shard's rows alone (shard_map): a
+device never waits for another within a call, and gathers its own rows for the phases.
 
 Windows: every call works on the first `window` slots only (a static multiple of
 WINDOW_STEP that the caller picks to cover every row's next writes), so attention reads the
@@ -123,14 +126,17 @@ class LoopState:
     limit: jax.Array
 
 
-def compact_sizes(rows: int, shards: int) -> list[int]:
-    """Rows per batch shard of the compacted decode phase (the first phase runs until at most
-    that many rows are still generating in every shard), as a list: empty for no such phase,
-    else a quarter of a shard's rows (at least one), when that is at most half of them.
-
-    """
-    size = max(1, rows // shards // 4)
-    return [size] if 2 * size <= rows // shards else []
+def compact_sizes(rows: int, shards: int) -> tuple[int, ...]:
+    """Rows per batch shard of a turn's decode phases after the first: half of a shard's
+    rows, then a quarter (each at least one row; fewer phases for small shards). Phase i + 1
+    starts when at most its size of rows are still generating in the shard."""
+    sizes, size = [], rows // shards
+    for _ in range(2):
+        size //= 2
+        if size < 1:
+            break
+        sizes.append(size)
+    return tuple(sizes)
 
 
 class RolloutEngine:
@@ -162,7 +168,6 @@ class RolloutEngine:
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
         self._append = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(4,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(3,), static_argnums=(8, 9))
-        self._decode_rows = jax.jit(self._decode_rows_impl, donate_argnums=(3,), static_argnums=(10,))
 
     def window_for(self, slots: int) -> int:
         """The window (a multiple of WINDOW_STEP, at most the capacity) covering `slots`."""
@@ -227,49 +232,24 @@ class RolloutEngine:
         search_enabled), after an EOS id, after max_new_tokens tokens, or when it holds
         `budget` tokens. lengths [R]: the rows' current lengths (a host copy).
 
-        Phases: the loop runs over all rows until at most a quarter of each batch shard's rows
-        are still generating, then over those rows gathered into a quarter of the batch
-        (`compact_sizes`): a turn's tail is often one or two long rows, and a step over a
-        smaller batch reads a fraction of the cache. Draws are keyed by row id and token index
-        (`sampling.row_keys`), so the phases, like the sharding, change nothing a row
+        Phases: a turn's tail is often one or two long rows, and a decode step reads the cache
+        of every row in its batch. So the loop runs over all rows until at most half of a
+        batch shard's rows are still generating, then over those gathered into half the
+        batch, then a quarter (`compact_sizes`), all in the one call; each shard gathers its
+        own rows on its own device. Draws are keyed by row id and token index
+        (`sampling.row_keys`), so neither the phases nor the sharding change what a row
         generates.
         """
         lengths = np.asarray(lengths)
-        rows, shards = active.shape[0], self.batch_shards
         needed = int(lengths.max()) + 1  # idle rows still write one (invalid) slot per step
         if active.any():
             needed = max(needed, int(lengths[active].max()) + self.max_new_tokens)
-        sizes = compact_sizes(rows, shards)
-        row_ids = self.put_rows(np.arange(rows, dtype=np.int32))
-        state, result, loop = self._decode(params, self.stop_packed, self.eos_ids, state,
-                                           self.put_rows(active.astype(bool)), row_ids, key,
-                                           jnp.asarray(search_enabled), self.window_for(needed),
-                                           sizes[0] if sizes else 0)
-        if not sizes:
-            return state, result
-        still = np.asarray(jax.device_get(loop.active))
-        if not still.any():
-            return state, result
-        local = self._rows_to_gather(still, lengths, sizes[0])
-        chosen = local + np.arange(0, rows, rows // shards)[:, None]
-        window = self.window_for(int(lengths[chosen].max()) + self.max_new_tokens)
-        return self._decode_rows(params, self.stop_packed, self.eos_ids, state, result, loop,
-                                 self.put_rows(local), row_ids, key, jnp.asarray(search_enabled),
-                                 window)
-
-    def _rows_to_gather(self, still: np.ndarray, lengths: np.ndarray, per_shard: int) -> np.ndarray:
-        """Indices [shards, per_shard] within each batch shard of the rows the compacted phase
-        runs on: the shard's still-active rows and, to fill the batch, idle ones (left as
-        they are), the shortest first to keep the window small. Each shard gathers its own
-        rows, so no row crosses devices; the window must cover every chosen row's slots,
-        since even an idle row writes one scratch slot per step at its length."""
-        shard_rows, local = still.shape[0] // self.batch_shards, []
-        for first in range(0, still.shape[0], shard_rows):
-            own = still[first:first + shard_rows]
-            idle = np.flatnonzero(~own)
-            idle = idle[np.argsort(lengths[first + idle], kind="stable")][:per_shard - own.sum()]
-            local.append(np.concatenate([np.flatnonzero(own), idle]))
-        return np.stack(local).astype(np.int32)
+        rows = active.shape[0]
+        return self._decode(params, self.stop_packed, self.eos_ids, state,
+                            self.put_rows(active.astype(bool)),
+                            self.put_rows(np.arange(rows, dtype=np.int32)), key,
+                            jnp.asarray(search_enabled), self.window_for(needed),
+                            compact_sizes(rows, self.batch_shards))
 
     # -- jitted bodies ----------------------------------------------------------------------
     def _prefill_impl(self, params, tokens, mask, n_samples):
@@ -328,7 +308,7 @@ class RolloutEngine:
             policy=write_rows(state.policy, jnp.zeros(tokens.shape, bool), start))
 
     def _decode_impl(self, params, stop_packed, eos_ids, full_state, active, row_ids, key,
-                     search_enabled, window, exit_rows):
+                     search_enabled, window, sizes):
         def per_shard(params, stop_packed, eos_ids, full_state, active, row_ids, key, search_enabled):
             model = nnx.merge(self.graphdef, params)
             state = slot_window(full_state, window)
@@ -337,37 +317,28 @@ class RolloutEngine:
             zeros = jnp.zeros((rows,), jnp.int32)
             result = TurnResult(outcome=zeros, count=zeros, turn_tokens=jnp.zeros((rows, max_new), jnp.int32))
             loop = LoopState(active=active & (limit > 0), automaton=zeros, limit=limit)
+            exits = tuple(sizes) + (0,)
             state, result, loop = self._turn_loop(model, stop_packed, eos_ids, state, result, loop,
-                                                  row_ids, key, search_enabled, exit_rows)
-            return merge_window(full_state, state), result, loop
+                                                  row_ids, key, search_enabled, exits[0])
+            for size, exit_rows in zip(sizes, exits[1:]):
+                # The still-active rows first (the loop left at most `size`), then idle ones.
+                picked = jnp.argsort(~loop.active, stable=True)[:size]
+
+                def take(x):
+                    return x[picked]
+
+                def put(x, new):
+                    return x.at[picked].set(new)
+
+                part_state, part, part_loop = self._turn_loop(
+                    model, stop_packed, eos_ids, jax.tree.map(take, state), jax.tree.map(take, result),
+                    jax.tree.map(take, loop), take(row_ids), key, search_enabled, exit_rows)
+                state, result, loop = (jax.tree.map(put, tree, new) for tree, new in (
+                    (state, part_state), (result, part), (loop, part_loop)))
+            return merge_window(full_state, state), result
 
         return self._map_shards(per_shard, (False, False, False, True, True, True, False, False))(
             params, stop_packed, eos_ids, full_state, active, row_ids, key, search_enabled)
-
-    def _decode_rows_impl(self, params, stop_packed, eos_ids, full_state, result, loop, local,
-                          row_ids, key, search_enabled, window):
-        """The rest of a turn for a few rows only, gathered into a small batch: local
-        [shards, C] picks rows of each batch shard (indices within the shard)."""
-        def per_shard(params, stop_packed, eos_ids, full_state, result, loop, local, row_ids, key,
-                      search_enabled):
-            model = nnx.merge(self.graphdef, params)
-            whole = slot_window(full_state, window)
-            picked = local.reshape(-1)  # this shard's row of `local`
-
-            def take(x):
-                return x[picked]
-
-            def put(x, new):
-                return x.at[picked].set(new)
-
-            state, part, _ = self._turn_loop(model, stop_packed, eos_ids, jax.tree.map(take, whole),
-                                             jax.tree.map(take, result), jax.tree.map(take, loop),
-                                             take(row_ids), key, search_enabled, 0)
-            whole = jax.tree.map(put, whole, state)
-            return merge_window(full_state, whole), jax.tree.map(put, result, part)
-
-        return self._map_shards(per_shard, (False, False, False, True, True, True, True, True, False, False))(
-            params, stop_packed, eos_ids, full_state, result, loop, local, row_ids, key, search_enabled)
 
     def _turn_loop(self, model, stop_packed, eos_ids, state, result, loop, row_ids, key,
                    search_enabled, exit_rows):
