@@ -124,6 +124,9 @@ class RolloutDriver:
             on_turn: Callable[[TurnEvent], None] | None = None) -> Trajectory:
         """Roll out every prompt (token ids, no padding) n_samples times.
 
+        key: the rollout's random key. Row r draws its t-th token of turn k with
+          `sampling.row_keys(fold_in(key, k), r, t)`, so a sampled rollout is the same however
+          its rows are sharded or batched.
         params: the policy weights to use (default: the model's current ones).
         on_turn: called on the host with a TurnEvent per row and stage as each turn is
           settled (see TurnEvent); its exceptions propagate. Without it nothing extra is
