@@ -21,8 +21,10 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from searchr1_jax import parallel
 from searchr1_jax.models import Decoder
 from searchr1_jax.models.config import config_from_hf_dict
+from searchr1_jax.parallel.sharding import place_array
 from searchr1_jax.retrieval.observation import format_passages, wrap_information
 from searchr1_jax.retrieval.types import Passage
 from searchr1_jax.infer import episode_segments, render_episode, stream_episode
@@ -345,6 +347,26 @@ def test_sharded_rollout_equals_unsharded(policy, tokenizer, greedy_run):
     assert sharded.finish_reason.tolist() == unsharded.finish_reason.tolist()
     with pytest.raises(ValueError, match="do not divide over the mesh's 8 batch shards"):
         driver.run(_prompt_ids(tokenizer)[:3], ScriptedRetriever(), jax.random.key(0), params=params)
+
+
+def test_rollout_with_weights_split_over_fsdp_and_tensor_equals_unsharded(policy, tokenizer, greedy_run):
+    """The trainer's fsdp_tensor layout: rows over data × fsdp (each of those 4 shards decoding
+    its own rows in a shard_map), weights split over fsdp and tensor by the rules (replicated
+    over the batch axes for a call, still split over tensor inside it)."""
+    mesh_cfg = parallel.MeshConfig(data=2, fsdp=2, tensor=2, preset="fsdp_tensor")
+    mesh = parallel.make_mesh(mesh_cfg)
+    shardings = parallel.param_shardings(policy, mesh, mesh_cfg.resolved_rules)
+    params = jax.tree.map(place_array, nnx.state(policy, nnx.Param), shardings)
+    assert any("tensor" in str(x.sharding.spec) for x in jax.tree.leaves(params))
+    sharded = RolloutDriver(policy, tokenizer, GREEDY, mesh=mesh).run(
+        _prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(0), params=params)
+    assert sharded.tokens.sharding.spec == PartitionSpec(("data", "fsdp"))
+    unsharded, _ = greedy_run
+    for field in ("tokens", "loss_mask", "response_end"):
+        np.testing.assert_array_equal(np.asarray(getattr(sharded, field)),
+                                      np.asarray(getattr(unsharded, field)), err_msg=field)
+    # tensor-parallel matmuls sum their halves in another order
+    np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(unsharded.logprobs), atol=1e-4)
 
 
 def test_sampled_rollout_is_the_same_however_rows_are_batched(policy, tokenizer, loop_batches, monkeypatch):
