@@ -221,14 +221,15 @@ def our_layouts(model: Decoder, batch: int) -> dict:
 
 def fastest(run, budget_seconds: float = 10.0, most: int = 5):
     """Time `run` (→ (output..., seconds)) repeatedly until `budget_seconds` have passed (at
-    least once, at most `most` times) → (its outputs, the fastest time, the number of runs).
+    least once, at most `most` times) → (the fastest run's outputs as a tuple, its time, the
+    number of runs).
     A short rollout varies by ±10% from run to run on a shared machine; a long one runs once."""
     best, spent, runs = None, 0.0, 0
     while runs < most and (runs == 0 or spent < budget_seconds):
         *output, seconds = run()
         spent, runs = spent + seconds, runs + 1
         if best is None or seconds < best[1]:
-            best = (output[0] if len(output) == 1 else tuple(output), seconds)
+            best = (tuple(output), seconds)
     return best[0], best[1], runs
 
 
@@ -377,7 +378,7 @@ def bench_size(size: str, args, tokenizer, retriever, machine: Machine) -> dict:
     run_transformers(hf_model, tokenizer, prompts[:2], retriever,
                      dataclasses.replace(config, max_turns=0, max_new_tokens=4), texts)
     warm_theirs = time.perf_counter() - clock
-    theirs, theirs_seconds, their_repeats = fastest(
+    (theirs,), theirs_seconds, their_repeats = fastest(
         lambda: run_transformers(hf_model, tokenizer, prompts, retriever, config, texts))
     their_tokens = sum(sum(mask) for _, mask in theirs)
     token_match, row_match = agreement(ours, theirs)

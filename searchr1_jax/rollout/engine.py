@@ -130,13 +130,8 @@ def compact_sizes(rows: int, shards: int) -> tuple[int, ...]:
     """Rows per batch shard of a turn's decode phases after the first: half of a shard's
     rows, then a quarter (each at least one row; fewer phases for small shards). Phase i + 1
     starts when at most its size of rows are still generating in the shard."""
-    sizes, size = [], rows // shards
-    for _ in range(2):
-        size //= 2
-        if size < 1:
-            break
-        sizes.append(size)
-    return tuple(sizes)
+    per_shard = rows // shards
+    return tuple(size for size in (per_shard // 2, per_shard // 4) if size >= 1)
 
 
 class RolloutEngine:
