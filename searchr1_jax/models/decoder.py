@@ -126,7 +126,9 @@ class Transformer(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            if self.remat:
+            # Remat saves activations for a backward pass; a cached call (rollout) never has one,
+            # and nnx.remat inside the rollout's scan would trace the module at a foreign level.
+            if self.remat and cache is None:
                 call = nnx.remat(lambda lyr, h, kv_: lyr(h, positions, mask, inv_freq, kv_, start))
                 x, kv = call(layer, x, kv)
             else:
