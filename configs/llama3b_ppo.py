@@ -9,8 +9,8 @@ def get_config():
     c = base_config()
     c.name = "llama3b_ppo"
     c.model.path = "models/Llama-3.2-3B"
-    c.data.train_files = "data/nq_hotpotqa_train/train.parquet"
-    c.data.val_files = "data/nq_hotpotqa_train/test.parquet"
+    c.data.train_files = "data/nq_hotpotqa/train.parquet"
+    c.data.val_files = "data/nq_hotpotqa/test.parquet"
     c.retriever.url = "http://127.0.0.1:8000/retrieve"
     c.algorithm.name = "ppo"
     c.trainer.micro_batch_size = 32

@@ -9,8 +9,8 @@ def get_config():
     c = base_config()
     c.name = "qwen3b_grpo"
     c.model.path = "models/Qwen2.5-3B"
-    c.data.train_files = "data/nq_hotpotqa_train/train.parquet"
-    c.data.val_files = "data/nq_hotpotqa_train/test.parquet"
+    c.data.train_files = "data/nq_hotpotqa/train.parquet"
+    c.data.val_files = "data/nq_hotpotqa/test.parquet"
     c.retriever.url = "http://127.0.0.1:8000/retrieve"
     c.algorithm.name = "grpo"
     c.algorithm.kl_in_reward = False

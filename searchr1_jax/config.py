@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.save_every = 100
     c.trainer.keep_checkpoints = 3
     c.trainer.output_dir = ""  # default runs/<name>
-    c.trainer.resume = False
+    c.trainer.resume = False  # continue the run in output_dir from its latest checkpoint
+    c.trainer.overwrite = False  # move an earlier run in output_dir aside instead of refusing to start
     c.trainer.samples_to_log = 4
     c.trainer.wandb_project = ""  # set to log to Weights & Biases
     c.trainer.compilation_cache_dir = ".cache/jax"  # persistent XLA cache ("" disables): faster reruns
@@ -237,6 +238,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.rollout.top_p must be in (0, 1], got {r.top_p}")
     if r.temperature < 0:
         raise ConfigError(f"config.rollout.temperature must be >= 0, got {r.temperature}")
+    if t.resume and t.overwrite:
+        raise ConfigError("config.trainer.resume and config.trainer.overwrite are both True: continue the run "
+                          "in output_dir, or move it aside and start anew, not both")
     if a.kl_in_reward and a.kl_loss:
         raise ConfigError("config.algorithm.kl_in_reward and config.algorithm.kl_loss are both True: "
                           "choose one place for the KL term")

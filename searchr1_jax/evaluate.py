@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from searchr1_jax import scoring
+from searchr1_jax.cli import quiet_logs, user_errors
 
 log = logging.getLogger("searchr1_jax.evaluate")
 
@@ -92,22 +93,16 @@ def load_policy_any(path: str | Path):
 
 
 def make_retriever(index_dir: str | None, url: str | None, timeout: float = 30.0):
-    if bool(index_dir) == bool(url):
-        raise SystemExit("error: give exactly one of --index DIR or --retriever-url URL")
-    if url:
-        from searchr1_jax.retrieval.client import HttpRetriever
+    """The retriever of `--index` or `--retriever-url`, checked with one query."""
+    from searchr1_jax.retrieval.connect import open_retriever
 
-        return HttpRetriever(url, timeout=timeout)
-    from searchr1_jax.retrieval.index import load_retriever
-
-    if not Path(index_dir).is_dir():
-        raise SystemExit(f"error: index directory {index_dir!r} does not exist")
-    return load_retriever(index_dir)
+    return open_retriever(index_dir, url, timeout_s=timeout)
 
 
 def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", default=None, help="index directory built by searchr1_jax.retrieval.build_index")
-    parser.add_argument("--retriever-url", default=None, help="URL of a /retrieve server")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", default=None, help="index directory built by searchr1_jax.retrieval.build_index")
+    where.add_argument("--retriever-url", default=None, help="URL of a /retrieve server")
     parser.add_argument("--topk", type=int, default=3, help="passages per search")
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=500, help="per turn")
@@ -138,13 +133,14 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
     add_rollout_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    quiet_logs()
     try:
-        retriever = make_retriever(args.index, args.retriever_url)
         examples = [ex for path in args.data.split(",") for ex in read_examples(path.strip())]
-        model, tokenizer_dir = load_policy_any(args.model)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: --data: {e}") from None
+    with user_errors():
+        retriever = make_retriever(args.index, args.retriever_url)
+        model, tokenizer_dir = load_policy_any(args.model)
     if args.limit:
         examples = examples[:args.limit]
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 
+from searchr1_jax.cli import quiet_logs, user_errors
 from searchr1_jax.evaluate import add_rollout_flags, greedy_driver, load_policy_any, make_retriever
 from searchr1_jax.rewards import extract_answer
 from searchr1_jax.rollout.actions import SEARCH
@@ -90,11 +91,10 @@ def main(argv=None):
     parser.add_argument("--question", required=True)
     add_rollout_flags(parser)
     args = parser.parse_args(argv)
-    try:
+    quiet_logs()
+    with user_errors():
         retriever = make_retriever(args.index, args.retriever_url)
         model, tokenizer_dir = load_policy_any(args.model)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
     tokenizer = load_tokenizer(tokenizer_dir)
     if args.template == "chat":
         text = render_prompt(chat_messages(args.question), "chat", tokenizer)

@@ -99,11 +99,13 @@ def markdown_table(table: dict[str, dict[str, float]]) -> str:
 
 
 def write_results(out_dir: str | Path, table: dict, rows: Sequence[dict], prefix: str = "eval") -> None:
-    """`<prefix>_table.json`, `<prefix>_table.md` and `<prefix>_trajectories.jsonl`."""
+    """`<prefix>_table.json` and `<prefix>_table.md` (when `table` has rows), and
+    `<prefix>_trajectories.jsonl`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{prefix}_table.json").write_text(json.dumps(table, indent=2))
-    (out / f"{prefix}_table.md").write_text(markdown_table(table) + "\n")
+    if table:
+        (out / f"{prefix}_table.json").write_text(json.dumps(table, indent=2))
+        (out / f"{prefix}_table.md").write_text(markdown_table(table) + "\n")
     with (out / f"{prefix}_trajectories.jsonl").open("w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

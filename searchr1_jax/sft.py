@@ -160,6 +160,7 @@ def run_sft(model, tokenizer, rows: Sequence[dict], *, steps: int, lr: float, ba
 
 
 def main(argv=None):
+    from searchr1_jax.cli import quiet_logs, user_errors
     from searchr1_jax.models import load_hf, load_tokenizer, save_hf
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,10 +175,15 @@ def main(argv=None):
     parser.add_argument("--template", choices=("base", "chat"), default="base")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model, cfg = load_hf(args.model)
-    losses = run_sft(model, tokenizer, read_trajectories(args.data), steps=args.steps, lr=args.lr,
+    quiet_logs()
+    try:
+        trajectories = read_trajectories(args.data)
+    except (FileNotFoundError, ValueError) as e:  # only input errors can come from reading it
+        raise SystemExit(f"error: --data: {e}") from None
+    with user_errors():
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        model, cfg = load_hf(args.model)
+    losses = run_sft(model, tokenizer, trajectories, steps=args.steps, lr=args.lr,
                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, template=args.template)
     save_hf(model, cfg, args.out, tokenizer_dir=args.tokenizer or args.model)
     print(f"sft: loss {losses[0]:.3f} → {losses[-1]:.3f}; saved to {args.out}")

@@ -29,7 +29,7 @@ from flax import nnx
 
 from searchr1_jax import parallel, rl, scoring
 from searchr1_jax.checkpoint import Checkpointer
-from searchr1_jax.config import CRITIC_ALGORITHMS, ConfigError, require_path, validate
+from searchr1_jax.config import CRITIC_ALGORITHMS, GROUP_ALGORITHMS, ConfigError, require_path, validate
 from searchr1_jax.evaluate import encode_prompts, greedy_rows, score_trajectory
 from searchr1_jax.metrics_log import MetricsLogger
 from searchr1_jax.prompt_stream import PromptStream
@@ -49,29 +49,51 @@ def output_dir_of(config: ml_collections.ConfigDict) -> Path:
 
 
 def load_examples(files: str, field: str) -> list:
+    """The examples of the comma-separated parquet `files` of config field `field`; a missing or
+    unreadable file is a ConfigError naming the field."""
     from searchr1_jax.data import read_examples
 
     examples = []
     for path in files.split(","):
-        examples.extend(read_examples(path.strip()))
+        try:
+            examples.extend(read_examples(path.strip()))
+        except FileNotFoundError as e:
+            raise ConfigError(f"config.{field}: {e} (make it with python -m searchr1_jax.data.convert "
+                              "--split train|test --out DIR ...)") from None
+        except ValueError as e:
+            raise ConfigError(f"config.{field}: {e}") from None
     if not examples:
-        raise ValueError(f"config.{field}: {files!r} holds no rows")
+        raise ConfigError(f"config.{field}: {files!r} holds no rows")
     return examples
 
 
 def build_retriever(config: ml_collections.ConfigDict):
-    """The in-process index of `retriever.index_dir` or the HTTP client of `retriever.url`."""
+    """The in-process index of `retriever.index_dir` or the HTTP client of `retriever.url`,
+    after one probe query (a dead URL fails here, before anything is compiled)."""
+    from searchr1_jax.retrieval.connect import open_retriever
+
     r = config.retriever
-    if r.url:
-        from searchr1_jax.retrieval.client import HttpRetriever
+    if not (r.url or r.index_dir):
+        raise ConfigError("set config.retriever.index_dir (a built index) or config.retriever.url (a server)")
+    return open_retriever(r.index_dir, r.url, timeout_s=r.timeout_s, index_name="config.retriever.index_dir",
+                          url_name="config.retriever.url")
 
-        return HttpRetriever(r.url, timeout=r.timeout_s)
-    if r.index_dir:
-        from searchr1_jax.retrieval.index import load_retriever
 
-        require_path(config, "retriever.index_dir", kind="directory built by searchr1_jax.retrieval.build_index")
-        return load_retriever(r.index_dir)
-    raise ValueError("set config.retriever.index_dir (a built index) or config.retriever.url (a server)")
+def claim_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to start a new run in a directory that holds another run's files (its checkpoints
+    would be skipped as existing steps and its metrics appended to). With `overwrite`, process 0
+    moves the old directory aside and returns where it went; with `resume`, nothing to do."""
+    if resume or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    if not overwrite:
+        raise ConfigError(f"config.trainer.output_dir: {str(out_dir)!r} already holds a run; continue it with "
+                          "--config.trainer.resume=True, or move it aside with --config.trainer.overwrite=True")
+    if jax.process_index() != 0:
+        return None
+    aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.rename(aside)
+    log.warning("moved the earlier run in %s aside to %s (config.trainer.overwrite=True)", out_dir, aside)
+    return aside
 
 
 def trim_to_bucket(arrays: dict[str, np.ndarray], used: int) -> dict[str, np.ndarray]:
@@ -79,6 +101,28 @@ def trim_to_bucket(arrays: dict[str, np.ndarray], used: int) -> dict[str, np.nda
     slots: a handful of compiled shapes, at most 2× padding."""
     width = min(next(iter(arrays.values())).shape[1], max(SEQ_BUCKET, 1 << (max(used, 1) - 1).bit_length()))
     return {k: v[:, :width] for k, v in arrays.items()}
+
+
+def describe_algorithm(config: ml_collections.ConfigDict) -> str:
+    """Log, in one line, what the algorithm settings do (advantages, critic, where the KL term
+    goes), and warn where they differ from Search-R1's recipe for that algorithm."""
+    a, n = config.algorithm, config.rollout.n_samples
+    parts = [f"advantages: {ESTIMATOR_OF[a.name]}" + (f" over groups of {n} samples" if a.name in GROUP_ALGORITHMS
+                                                      else "")]
+    parts.append("critic: trained from the base model" if a.name in CRITIC_ALGORITHMS else "critic: none")
+    if a.kl_coef <= 0 or not (a.kl_in_reward or a.kl_loss):
+        parts.append("KL to the reference: none")
+    elif a.kl_in_reward:
+        parts.append(f"KL to the reference: in the reward (k1, coef {a.kl_coef}, {a.kl_controller})")
+    else:
+        parts.append(f"KL to the reference: a loss term ({a.kl_estimator}, coef {a.kl_coef})")
+    line = f"algorithm {a.name}: " + "; ".join(parts)
+    log.info("%s", line)
+    if a.name in GROUP_ALGORITHMS and a.kl_in_reward and a.kl_coef > 0:
+        log.warning("algorithm %s with the KL term in the reward: Search-R1's GRPO puts it in the loss "
+                    "(configs/qwen3b_grpo.py: --config.algorithm.kl_in_reward=False "
+                    "--config.algorithm.kl_loss=True)", a.name)
+    return line
 
 
 class Trainer:
@@ -90,14 +134,23 @@ class Trainer:
         c = config
         self.out_dir = output_dir_of(c)
         self.is_main = jax.process_index() == 0
+        claim_output_dir(self.out_dir, resume=c.trainer.resume, overwrite=c.trainer.overwrite)
+        parallel.sync_processes("output_dir")
         model_path = require_path(c, "model.path", kind="Hugging Face model directory")
         tok_path = c.model.tokenizer_path or model_path
         self.tokenizer = load_tokenizer(tok_path)
+        # Data and retriever first: a user's mistake there shows before minutes of loading.
+        require_path(c, "data.train_files", kind="Search-R1 parquet file")
+        self.train_examples = self._encode(c.data.train_files, "data.train_files")
+        self.val_examples = self._encode(c.data.val_files, "data.val_files") if c.data.val_files else []
+        self.retriever = build_retriever(c)
+        self.reward_fn = make_reward_fn(c.reward)
         policy, self.model_config = load_hf(model_path, dtype=DTYPES[c.model.param_dtype],
                                             compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
         self.algorithm = c.algorithm.name
         self.kl_coef = c.algorithm.kl_coef
         self.use_reference = self.kl_coef > 0 and (c.algorithm.kl_in_reward or c.algorithm.kl_loss)
+        describe_algorithm(c)
         mesh_cfg = parallel.mesh_config_from(c.mesh)
         self.mesh = parallel.make_mesh(mesh_cfg)
         self.rules = mesh_cfg.resolved_rules
@@ -143,13 +196,6 @@ class Trainer:
             temperature=c.rollout.temperature if c.rollout.temperature > 0 else 1.0)
         self._jit_functions()
 
-        self.reward_fn = make_reward_fn(c.reward)
-        self.retriever = build_retriever(c)
-        require_path(c, "data.train_files", kind="Search-R1 parquet file")
-        encode = lambda files, field: encode_prompts(load_examples(files, field), self.tokenizer,  # noqa: E731
-                                                     c.data.template, c.rollout.max_prompt_tokens)
-        self.train_examples = encode(c.data.train_files, "data.train_files")
-        self.val_examples = encode(c.data.val_files, "data.val_files") if c.data.val_files else []
         self.stream = PromptStream(self.train_examples, t.batch_size, seed=c.seed, shuffle=c.data.shuffle)
         self.policy_model = policy
         self._drivers: dict[bool, object] = {}
@@ -164,6 +210,17 @@ class Trainer:
             self.resume()
 
     # ------------------------------------------------------------------ setup helpers
+    def _encode(self, files: str, field: str) -> list[tuple]:
+        """(example, prompt ids) pairs of the parquet files of config field `field`."""
+        c = self.config
+        try:
+            return encode_prompts(load_examples(files, field), self.tokenizer, c.data.template,
+                                  c.rollout.max_prompt_tokens)
+        except ConfigError:
+            raise
+        except ValueError as e:  # no prompt fits max_prompt_tokens, a template the tokenizer lacks
+            raise ConfigError(f"config.{field}: {e}") from None
+
     @property
     def batch_shards(self) -> int:
         """Rows of every batch must be a multiple of this (the mesh's data × fsdp)."""
@@ -233,7 +290,7 @@ class Trainer:
     def _record(self) -> dict:
         c = self.config
         return {"step": self.step_count, "data": self.stream.state(), "kl_coef": float(self.kl_controller.value),
-                "config_name": c.name, "model_path": str(Path(c.model.path).absolute()),
+                "total_steps": c.trainer.total_steps, "config_name": c.name, "model_path": str(Path(c.model.path).absolute()),
                 "tokenizer_path": str(Path(c.model.tokenizer_path or c.model.path).absolute())}
 
     def _items(self) -> dict:
@@ -254,6 +311,11 @@ class Trainer:
         self.step_count = int(record["step"])
         self.stream.restore(record["data"])
         self.kl_controller.value = float(record["kl_coef"])
+        before = record.get("total_steps", self.config.trainer.total_steps)
+        if before != self.config.trainer.total_steps:
+            log.warning("config.trainer.total_steps is %d where the checkpoint's run had %d: the learning-rate "
+                        "warm-up (a fraction of all updates) is recomputed for %d steps",
+                        self.config.trainer.total_steps, before, self.config.trainer.total_steps)
         self.logger.truncate_after(self.step_count)
         log.info("resumed from step %d (%s)", self.step_count, self.checkpointer.directory)
         return True
@@ -383,6 +445,7 @@ class Trainer:
 
         t = self.config.trainer
         last = {}
+        started = time.perf_counter()
         bar = tqdm(total=t.total_steps, initial=self.step_count, desc="train", disable=not self.is_main,
                    dynamic_ncols=True)
         try:
@@ -407,4 +470,22 @@ class Trainer:
             bar.close()
             self.checkpointer.close()
             self.logger.close()
+        if self.is_main:
+            self.write_summary(time.perf_counter() - started)
         return last
+
+    def write_summary(self, seconds: float) -> dict:
+        """Print the closing summary and write it to `run_summary.json` (process 0)."""
+        import json
+
+        from searchr1_jax.metrics_log import read_metrics
+        from searchr1_jax.run_summary import format_summary, summarize
+
+        metrics = self.out_dir / "metrics.jsonl"
+        summary = summarize(self.out_dir, read_metrics(metrics) if metrics.exists() else [],
+                            self.checkpointer.all_steps(), total_steps=self.config.trainer.total_steps,
+                            step=self.step_count, stopped_early=self.step_count < self.config.trainer.total_steps,
+                            seconds=seconds)
+        (self.out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print("\n" + format_summary(summary), flush=True)
+        return summary

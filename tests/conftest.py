@@ -31,3 +31,25 @@ def make_tiny_world(root):
     cfg = config_from_hf_dict(raw)
     save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), cfg, root / "model", tokenizer_dir=paths.tokenizer)
     return {"root": root, "paths": paths, "model": root / "model"}
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def user_files_template(tmp_path_factory):
+    """A new user's working directory before the README's real-model steps (see
+    real_model_setup.py), built once; tests copy it with `copy_user_files`."""
+    from real_model_setup import make_user_files
+
+    return make_user_files(tmp_path_factory.mktemp("user_files"))
+
+
+def copy_user_files(template, dest):
+    """A copy of the template directory at `dest` with `configs/` linked from the repository."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(template, dest, ignore=shutil.ignore_patterns(".demo_cache"))
+    (dest / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
+    return dest

@@ -171,9 +171,23 @@ def test_check_fits_names_the_biggest_items_and_a_remedy():
     assert "peak = resident + max(rollout, train)" in sharded.table(80 * GIB)
 
 
-def test_device_memory_from_override_or_device():
+class _DeviceWithoutStats:
+    """An accelerator whose allocator reports nothing."""
+
+    platform = "gpu"
+
+    def memory_stats(self):
+        return None
+
+
+def test_device_memory_from_override_device_or_host():
+    import os
+
     assert parallel.device_memory_bytes(override_gb=95) == 95 * GIB
-    assert parallel.device_memory_bytes(jax.devices()[0]) is None  # CPU reports no memory stats
+    # CPU devices report no allocator stats: the host's memory, shared by its 8 simulated devices.
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert parallel.device_memory_bytes(jax.devices()[0]) == host // 8
+    assert parallel.device_memory_bytes(_DeviceWithoutStats()) is None
 
 
 def test_report_memory_logs_the_table_then_checks(caplog):
@@ -186,5 +200,8 @@ def test_report_memory_logs_the_table_then_checks(caplog):
         parallel.report_memory(estimate, override_gb=40)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="searchr1_jax"):
-        assert parallel.report_memory(estimate, device=jax.devices()[0]) is None
+        assert parallel.report_memory(estimate, device=_DeviceWithoutStats()) is None
     assert "fit not checked" in caplog.text
+    # On CPU the 7B plan is checked against the host's memory, and refused.
+    with pytest.raises(parallel.MemoryBudgetError, match="does not fit"):
+        parallel.report_memory(estimate, device=jax.devices()[0])

@@ -1,6 +1,6 @@
 """Device mesh, logical-axis sharding rules, model placement, memory estimate, multi-host start-up."""
 from searchr1_jax.parallel.distributed import (ClusterSpec, initialize, is_main_process, log_main,
-                                               slurm_cluster_spec)
+                                               slurm_cluster_spec, sync_processes)
 from searchr1_jax.parallel.memory import (MemoryBudgetError, MemoryEstimate, MemoryItem, Precision, Workload,
                                           check_fits, device_memory_bytes, estimate_memory, report_memory)
 from searchr1_jax.parallel.mesh import MeshConfig, make_mesh, mesh_config_from, resolve_mesh_shape
@@ -11,7 +11,7 @@ from searchr1_jax.parallel.sharding import (batch_sharding, batch_spec, cache_sh
                                             optimizer_shardings, param_shardings, shard_batch, shard_module)
 
 __all__ = [
-    "ClusterSpec", "initialize", "is_main_process", "log_main", "slurm_cluster_spec",
+    "ClusterSpec", "initialize", "is_main_process", "log_main", "slurm_cluster_spec", "sync_processes",
     "MemoryBudgetError", "MemoryEstimate", "MemoryItem", "Precision", "Workload", "check_fits",
     "device_memory_bytes", "estimate_memory", "report_memory",
     "MeshConfig", "make_mesh", "mesh_config_from", "resolve_mesh_shape",

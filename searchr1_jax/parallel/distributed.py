@@ -148,3 +148,12 @@ def log_main(msg: str, *args, level: int = logging.INFO) -> None:
     """Log `msg % args` from process 0 only."""
     if is_main_process():
         logger.log(level, msg, *args)
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process reached this point (a no-op with one process): e.g. until
+    process 0 has prepared a directory that all of them write into."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

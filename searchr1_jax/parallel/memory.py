@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -264,12 +266,22 @@ def estimate_memory(model_cfg: ModelConfig, mesh: Mesh | Mapping[str, int], rule
 
 def device_memory_bytes(device: jax.Device | None = None, override_gb: float = 0.0) -> int | None:
     """Usable bytes of one device: `override_gb` GiB when > 0, else the allocator's limit
-    from `device.memory_stats()`; None when neither is known (CPU)."""
+    from `device.memory_stats()`; for CPU devices, which report none, the host's physical
+    memory shared by its local devices; None when nothing is known."""
     if override_gb > 0:
         return int(override_gb * GIB)
     device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return host_memory_bytes() // max(1, len(jax.local_devices(backend="cpu")))
+    return None
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_fits(estimate: MemoryEstimate, device_memory: int | None) -> None:
@@ -295,6 +307,7 @@ def report_memory(estimate: MemoryEstimate, override_gb: float = 0.0,
     memory = device_memory_bytes(device, override_gb)
     log_main("%s", estimate.table(memory))
     if memory is None:
-        log_main("device memory unknown (no memory_stats; set config.mesh.device_memory_gb): fit not checked")
+        log_main("device memory unknown (no memory_stats; set config.mesh.device_memory_gb): fit not checked",
+                 level=logging.WARNING)
     check_fits(estimate, memory)
     return memory
