@@ -134,8 +134,6 @@ class Trainer:
         c = config
         self.out_dir = output_dir_of(c)
         self.is_main = jax.process_index() == 0
-        claim_output_dir(self.out_dir, resume=c.trainer.resume, overwrite=c.trainer.overwrite)
-        parallel.sync_processes("output_dir")
         model_path = require_path(c, "model.path", kind="Hugging Face model directory")
         tok_path = c.model.tokenizer_path or model_path
         self.tokenizer = load_tokenizer(tok_path)
@@ -145,6 +143,8 @@ class Trainer:
         self.val_examples = self._encode(c.data.val_files, "data.val_files") if c.data.val_files else []
         self.retriever = build_retriever(c)
         self.reward_fn = make_reward_fn(c.reward)
+        claim_output_dir(self.out_dir, resume=c.trainer.resume, overwrite=c.trainer.overwrite)
+        parallel.sync_processes("output_dir")
         policy, self.model_config = load_hf(model_path, dtype=DTYPES[c.model.param_dtype],
                                             compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
         self.algorithm = c.algorithm.name

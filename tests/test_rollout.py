@@ -332,6 +332,42 @@ def test_sampling_logprobs_equal_teacher_forced(policy, tokenizer):
     np.testing.assert_allclose(sampled[loss_mask], forced[loss_mask], atol=1e-4, rtol=0)
 
 
+def _with_remat(model):
+    """The same weights in a Decoder built with remat=True (the shipped recipes' setting)."""
+    remat = nnx.eval_shape(lambda: Decoder(model.config, rngs=nnx.Rngs(0), remat=True))
+    nnx.update(remat, nnx.state(model))
+    return remat
+
+
+def test_rollout_with_remat_equals_without(policy, tokenizer, greedy_run):
+    """Remat belongs to the backward pass: a remat=True policy rolls out (no trace-level error
+    inside the engine's scan) exactly like the same weights without remat."""
+    with_remat = RolloutDriver(_with_remat(policy), tokenizer, GREEDY).run(
+        _prompt_ids(tokenizer), ScriptedRetriever(), jax.random.key(0))
+    unsharded, _ = greedy_run
+    np.testing.assert_array_equal(np.asarray(with_remat.tokens), np.asarray(unsharded.tokens))
+    np.testing.assert_array_equal(np.asarray(with_remat.loss_mask), np.asarray(unsharded.loss_mask))
+    np.testing.assert_allclose(np.asarray(with_remat.logprobs), np.asarray(unsharded.logprobs), atol=1e-5)
+
+
+def test_remat_still_recomputes_layers_in_the_backward_pass(policy, tokenizer):
+    """The uncached (training) call keeps remat: its gradient equals the plain one and its
+    jaxpr holds a rematerialisation."""
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, VOCAB, (2, 12)), jnp.int32)
+
+    def grads(model):
+        graphdef, params = nnx.split(model)
+        loss = lambda p: nnx.merge(graphdef, p)(tokens).sum()  # noqa: E731
+        return jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    plain, plain_jaxpr = grads(policy)
+    remat, remat_jaxpr = grads(_with_remat(policy))
+    assert "remat" in remat_jaxpr or "checkpoint" in remat_jaxpr
+    assert "remat" not in plain_jaxpr and "checkpoint" not in plain_jaxpr
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_rollout_equals_unsharded(policy, tokenizer, greedy_run):
     devices = np.array(jax.devices()[:8]).reshape(4, 2)
     mesh = Mesh(devices, ("data", "fsdp"))

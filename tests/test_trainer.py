@@ -74,6 +74,16 @@ def test_three_step_run_through_the_cli(world, tmp_path, algorithm):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "run" / "samples" / "eval_step3_table.md").is_file()
+    if algorithm == "grpo":
+        # A longer run resumed from this one: said in one line, since the warm-up follows the total.
+        proc = subprocess.run(_command(world, tmp_path / "run", "--config.trainer.eval_every=3",
+                                       "--config.trainer.eval_size=8", "--config.trainer.total_steps=4",
+                                       "--config.trainer.resume=True"),
+                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "config.trainer.total_steps is 4 where the checkpoint's run had 3" in proc.stderr
+        assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+        assert "run finished at step 4 of 4" in proc.stdout
 
 
 def _wait_for_step(metrics_path: Path, step: int, proc, timeout=400):
