@@ -123,5 +123,14 @@ def test_the_readme_steps_run_verbatim(user_files_template, tmp_path):
     assert set(table) == {"nq", "hotpotqa", "all"} and table["all"]["n"] == 24
     evaluate_err = outputs[7].stderr
     assert "Unable to initialize backend" not in evaluate_err and "orbax" not in evaluate_err.lower()
+    # Evaluating a run directory (Orbax restore) prints no library chatter either.
+    proc = subprocess.run([*_argv(commands[7], port)[0][:3], "--model", "runs/qwen3b_grpo", "--data",
+                           "data/nq_hotpotqa/test.parquet", "--index", "indexes/wiki18_bm25", "--out", "eval/grpo",
+                           "--limit", "4", *TOY_ROLLOUT], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chatter = [line for line in proc.stderr.splitlines()
+               if "orbax" in line.lower() or "absl" in line or "Unable to initialize backend" in line]
+    assert not chatter, chatter
     episode = outputs[8].stdout
     assert episode.startswith("Question: Who wrote the novel") and "\nAnswer: " in episode
