@@ -7,6 +7,7 @@ combination (for example a mini-batch that does not divide the batch).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.output_dir = ""  # default runs/<name>
     c.trainer.resume = False  # continue the run in output_dir from its latest checkpoint
     c.trainer.overwrite = False  # move an earlier run in output_dir aside instead of refusing to start
+    c.trainer.resume_override = False  # resume even if model, data, seed, batch shapes or algorithm changed
+    c.trainer.max_bad_steps = 3  # consecutive steps with a non-finite loss/gradient/update before stopping
     c.trainer.samples_to_log = 4
     c.trainer.wandb_project = ""  # set to log to Weights & Biases
     c.trainer.compilation_cache_dir = ".cache/jax"  # persistent XLA cache ("" disables): faster reruns
@@ -217,10 +220,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "trainer.mini_batch_size": t.mini_batch_size, "trainer.micro_batch_size": t.micro_batch_size,
                 "trainer.ppo_epochs": t.ppo_epochs, "rollout.max_new_tokens": r.max_new_tokens,
                 "rollout.n_samples": r.n_samples, "rollout.max_context_tokens": r.max_context_tokens,
-                "retriever.topk": config.retriever.topk}
+                "retriever.topk": config.retriever.topk, "trainer.keep_checkpoints": t.keep_checkpoints,
+                "trainer.max_bad_steps": t.max_bad_steps, "retriever.timeout_s": config.retriever.timeout_s}
     for path, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # also refuses NaN
             raise ConfigError(f"config.{path}: must be > 0, got {value}")
+    for path in ("optim.actor_lr", "optim.critic_lr", "optim.weight_decay", "optim.grad_clip",
+                 "optim.actor_warmup_ratio", "optim.critic_warmup_ratio", "algorithm.kl_coef"):
+        value = _lookup(config, path)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"config.{path}: must be a finite number >= 0, got {value}")
     if t.batch_size % t.mini_batch_size:
         raise ConfigError(f"config.trainer.mini_batch_size ({t.mini_batch_size}) must divide "
                           f"config.trainer.batch_size ({t.batch_size})")

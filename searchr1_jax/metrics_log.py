@@ -2,12 +2,15 @@
 
 Only the main process writes. On resume, `truncate_after(step)` drops lines of steps the
 restored checkpoint does not contain (a run killed after logging step N but before saving
-it), so the file always describes one uninterrupted run.
+it, or before its first save: step 0), and a torn last line, so the file always describes
+one uninterrupted run; the TensorBoard events are rewritten from the kept lines, so they
+hold each step once too.
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ class MetricsLogger:
                  run_name: str = "", config: dict | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb_dir = Path(output_dir) / "tensorboard"
         self._tb = None
         self._wandb = None
         if not enabled:
@@ -34,7 +38,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self._tb = SummaryWriter(str(self.tb_dir))
         if wandb_project:
             try:
                 import wandb
@@ -44,12 +48,27 @@ class MetricsLogger:
             self._wandb = wandb.init(project=wandb_project, name=run_name, config=config or {})
 
     def truncate_after(self, step: int) -> None:
-        """Keep only lines with step <= `step`."""
-        if not self.enabled or not self.path.exists():
+        """Keep only lines with step <= `step` (dropping a torn, unparsable line), and make
+        the TensorBoard events say the same."""
+        if not self.enabled:
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in _parse_lines(self.path) if row.get("step", 0) <= step] if self.path.exists() else []
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.path)
+        self._tb.close()
+        shutil.rmtree(self.tb_dir, ignore_errors=True)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.tb_dir))
+        for row in kept:
+            self._add_scalars(row)
+        self._tb.flush()
+
+    def _add_scalars(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(key, value, row["step"])
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -57,9 +76,7 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tb.add_scalar(key, value, step)
+        self._add_scalars(row)
         self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
@@ -69,6 +86,17 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _parse_lines(path: Path) -> list[dict]:
+    """The rows of a metrics file; a line that is not JSON (torn by a kill mid-write) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def read_metrics(path: str | Path) -> list[dict]:

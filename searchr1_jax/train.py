@@ -3,7 +3,8 @@
 With a config whose `demo` section is enabled (configs/tiny_demo.py), runs the whole CPU
 demo pipeline (world, warm start, RL, evaluation, export); otherwise trains on the given
 model, data and retriever. A mistake in the flags, the config or the inputs ends the run
-with one line, `error: …`, naming the field or file.
+with one line, `error: …`, naming the field or file (exit 1); a run stopped by its NaN guard
+(`config.trainer.max_bad_steps` non-finite steps in a row) exits 2.
 """
 from __future__ import annotations
 
@@ -60,11 +61,15 @@ def main(argv):
 
         run_demo(config)
         return
-    from searchr1_jax.trainer import Trainer
+    from searchr1_jax.trainer import Trainer, TrainingDiverged
 
     with user_errors():
         trainer = Trainer(config)
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -131,13 +131,27 @@ def _accumulate(loss_fn, params, micro_batches):
     return grads, loss, jax.tree.map(jnp.mean, metrics)
 
 
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _step(tx, params, opt_state, grads, loss, metrics, prefix: str):
-    """Apply accumulated gradients; metrics named `<prefix>/…` with loss and grad norm."""
-    updates, opt_state = tx.update(grads, opt_state, params)
+    """Apply accumulated gradients; metrics named `<prefix>/…` with loss and grad norm.
+
+    Guarded: when the loss, the gradient norm or the updated parameters are not finite (a
+    bad batch, a NaN learning rate), the update is not applied (parameters and optimizer
+    state stay as they were) and `<prefix>/skipped_update` is 1.
+    """
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
     metrics[f"{prefix}/loss"] = loss
-    metrics[f"{prefix}/grad_norm"] = optax.global_norm(grads)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    metrics[f"{prefix}/grad_norm"] = grad_norm
+    metrics[f"{prefix}/skipped_update"] = 1.0 - finite.astype(jnp.float32)
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
 
 def policy_update(graphdef, params, opt_state, batch: PolicyBatch, *, tx: optax.GradientTransformation,

@@ -17,6 +17,7 @@ repeats an uninterrupted run exactly.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -125,6 +126,10 @@ def describe_algorithm(config: ml_collections.ConfigDict) -> str:
     return line
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss, gradient or update."""
+
+
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, *, install_signal_handler: bool = True):
         from searchr1_jax.models import ValueModel, load_hf, load_tokenizer
@@ -204,6 +209,8 @@ class Trainer:
         self.logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=t.wandb_project,
                                     run_name=c.name, config=c.to_dict())
         self._stop_requested = False
+        self.bad_steps = 0  # consecutive steps whose update was not applied (non-finite)
+        self._save_owed = False  # a save fell on an unhealthy step
         if install_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         if t.resume:
@@ -290,8 +297,10 @@ class Trainer:
     def _record(self) -> dict:
         c = self.config
         return {"step": self.step_count, "data": self.stream.state(), "kl_coef": float(self.kl_controller.value),
-                "total_steps": c.trainer.total_steps, "config_name": c.name, "model_path": str(Path(c.model.path).absolute()),
-                "tokenizer_path": str(Path(c.model.tokenizer_path or c.model.path).absolute())}
+                "total_steps": c.trainer.total_steps, "config_name": c.name,
+                "model_path": str(Path(c.model.path).absolute()),
+                "tokenizer_path": str(Path(c.model.tokenizer_path or c.model.path).absolute()),
+                "config": c.to_dict(), "cwd": os.getcwd()}
 
     def _items(self) -> dict:
         return {"policy": self.arrays["policy"],
@@ -301,12 +310,28 @@ class Trainer:
         self.checkpointer.save(self.step_count, self._items(), self._record(), force=force)
 
     def resume(self) -> bool:
-        """Continue from the latest complete checkpoint, if any. Returns whether one was found."""
-        step = self.checkpointer.latest_step()
-        if step is None:
-            log.info("no checkpoint in %s: starting from step 0", self.checkpointer.directory)
+        """Continue from the newest checkpoint that verifies and reads; newer ones that do not
+        are set aside (each named, with why, in one line). Returns whether one was found."""
+        rejected, found = [], None
+        for step in reversed(self.checkpointer.all_steps()):
+            problem = self.checkpointer.verify(step)
+            if problem is None:
+                try:
+                    found = step, *self.checkpointer.restore(step, self._items())
+                except Exception as e:  # noqa: BLE001 (any failure to read means: use an older one)
+                    problem = f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            if found:
+                break
+            log.warning("checkpoint step %d skipped: %s", step, problem)
+            rejected.append(step)
+        if rejected:
+            log.warning("set aside unusable checkpoints %s in %s", rejected, self.checkpointer.set_aside(rejected))
+        if found is None:
+            log.info("no usable checkpoint in %s: starting from step 0", self.checkpointer.directory)
+            self.logger.truncate_after(0)
             return False
-        items, record = self.checkpointer.restore(step, self._items())
+        step, items, record = found
+        self._check_same_run(record)
         self.arrays = {"policy": items["policy"], **items["train_state"]}
         self.step_count = int(record["step"])
         self.stream.restore(record["data"])
@@ -319,6 +344,22 @@ class Trainer:
         self.logger.truncate_after(self.step_count)
         log.info("resumed from step %d (%s)", self.step_count, self.checkpointer.directory)
         return True
+
+    def _check_same_run(self, record: dict) -> None:
+        """Refuse a resume whose config changes the run's meaning (see run_identity)."""
+        from searchr1_jax.run_identity import changed_fields
+
+        if "config" not in record:
+            return
+        changes = changed_fields(record["config"], self.config.to_dict(), saved_cwd=record.get("cwd", os.getcwd()),
+                                 cwd=os.getcwd())
+        if not changes:
+            return
+        if not self.config.trainer.resume_override:
+            raise ConfigError("config.trainer.resume: the checkpoint was trained with another run's settings ("
+                              + "; ".join(changes) + "); resume with the same ones, or accept the change with "
+                              "--config.trainer.resume_override=True")
+        log.warning("resuming with changed settings (config.trainer.resume_override=True): %s", "; ".join(changes))
 
     # ------------------------------------------------------------------ one step
     def _step_key(self, step: int):
@@ -451,6 +492,7 @@ class Trainer:
         try:
             while self.step_count < t.total_steps and not self._stop_requested:
                 metrics, rows = self.step()
+                healthy = self._note_health(metrics)
                 if t.eval_every and (self.step_count % t.eval_every == 0 or self.step_count == t.total_steps):
                     metrics.update(self.evaluate())
                 self.logger.log(self.step_count, metrics)
@@ -462,9 +504,19 @@ class Trainer:
                 bar.set_postfix({"reward": f"{metrics['rollout/reward']:.3f}",
                                  "searches": f"{metrics['rollout/searches']:.2f}",
                                  "step_s": f"{metrics['timing/step']:.1f}"})
-                if (t.save_every and self.step_count % t.save_every == 0) or self.step_count == t.total_steps:
+                due = (t.save_every and self.step_count % t.save_every == 0) or self.step_count == t.total_steps
+                # A step whose update was not applied is not saved; its save waits for a healthy step.
+                self._save_owed = (due or self._save_owed) and not healthy
+                if (due or self._save_owed) and healthy:
                     self.save()
-            if self._stop_requested and self.checkpointer.latest_step() != self.step_count:
+                if self.bad_steps >= t.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{self.bad_steps} steps in a row ended with a non-finite loss, gradient or update "
+                        f"(config.trainer.max_bad_steps = {t.max_bad_steps}); stopped at step {self.step_count}, "
+                        f"the last healthy checkpoint is step {self.checkpointer.latest_step()} in "
+                        f"{self.checkpointer.directory}")
+            if (self._stop_requested and self.bad_steps == 0
+                    and self.checkpointer.latest_step() != self.step_count):
                 self.save(force=True)
         finally:
             bar.close()
@@ -473,6 +525,21 @@ class Trainer:
         if self.is_main:
             self.write_summary(time.perf_counter() - started)
         return last
+
+    def _note_health(self, metrics: dict) -> bool:
+        """Whether this step's updates were all applied (finite loss, gradient and update);
+        counts consecutive unhealthy steps in `bad_steps` and says so in one line each."""
+        skipped = {k: v for k, v in metrics.items() if k.endswith("/skipped_update") and v > 0}
+        losses = {k: v for k, v in metrics.items() if k.endswith("/loss") and not np.isfinite(v)}
+        if not skipped and not losses:
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        log.warning("step %d: non-finite loss, gradient or update (%s): the update was not applied and the step "
+                    "is not saved (%d in a row; the run stops at %d)", self.step_count,
+                    ", ".join(f"{k} {v:.3g}" for k, v in {**skipped, **losses}.items()), self.bad_steps,
+                    self.config.trainer.max_bad_steps)
+        return False
 
     def write_summary(self, seconds: float) -> dict:
         """Print the closing summary and write it to `run_summary.json` (process 0)."""

@@ -49,7 +49,11 @@ KEY_MAP: tuple[tuple[str, str, bool], ...] = (
     ("model.layers.{i}.mlp.down_proj.bias", "model.layers.{i}.mlp.down_proj.bias", False),
 )
 
-WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+# What a Hugging Face tokenizer directory may hold (fast and slow tokenizers, chat template,
+# generation defaults): the only files an export copies beside the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def _path_tuple(dotted: str) -> tuple:
@@ -187,11 +191,24 @@ def save_hf(model: Decoder, cfg: ModelConfig | None, out_dir: str | Path,
     return out_dir
 
 
-def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
-    """Copy every tokenizer file (not weights or config.json) from tokenizer_dir to out_dir."""
+def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files (`TOKENIZER_FILES`, by name) of `tokenizer_dir` to `out_dir`;
+    returns their names. Nothing else is copied: a checkpoint's record names the directory,
+    and an export must not carry whatever else lies there. A file that resolves outside the
+    directory (a symlink) is refused."""
     src = Path(tokenizer_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(src)!r} does not exist")
-    for f in src.iterdir():
-        if f.is_file() and f.name != "config.json" and not any(f.match(p) for p in WEIGHT_FILES):
-            shutil.copy2(f, Path(out_dir) / f.name)
+    root = src.resolve()
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = src / name
+        if not f.is_file():
+            continue
+        if not f.resolve().is_relative_to(root):
+            raise ValueError(f"tokenizer file {str(f)!r} resolves outside {str(src)!r}: refusing to copy it")
+        shutil.copyfile(f, Path(out_dir) / name)
+        copied.append(name)
+    if not copied:
+        raise FileNotFoundError(f"tokenizer directory {str(src)!r} holds none of {list(TOKENIZER_FILES)}")
+    return copied
