@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.retriever.index_dir = ""  # in-process retriever from a built index …
     c.retriever.url = ""  # … or an HTTP server speaking the /retrieve API
     c.retriever.topk = 3
-    c.retriever.timeout_s = 30.0
+    c.retriever.timeout_s = 30.0  # per request
+    c.retriever.max_retries = 12  # HTTP: retries of a failed request, with exponential backoff (≤ 30 s each)…
+    c.retriever.max_wait_s = 300.0  # … while the waits add up to at most this (a restarting server)
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.max_turns = 4
@@ -221,7 +223,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "trainer.ppo_epochs": t.ppo_epochs, "rollout.max_new_tokens": r.max_new_tokens,
                 "rollout.n_samples": r.n_samples, "rollout.max_context_tokens": r.max_context_tokens,
                 "retriever.topk": config.retriever.topk, "trainer.keep_checkpoints": t.keep_checkpoints,
-                "trainer.max_bad_steps": t.max_bad_steps, "retriever.timeout_s": config.retriever.timeout_s}
+                "trainer.max_bad_steps": t.max_bad_steps, "retriever.timeout_s": config.retriever.timeout_s,
+                "retriever.max_wait_s": config.retriever.max_wait_s}
     for path, value in positive.items():
         if not value > 0:  # also refuses NaN
             raise ConfigError(f"config.{path}: must be > 0, got {value}")
@@ -230,6 +233,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _lookup(config, path)
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"config.{path}: must be a finite number >= 0, got {value}")
+    if config.retriever.max_retries < 0:
+        raise ConfigError(f"config.retriever.max_retries: must be >= 0, got {config.retriever.max_retries}")
     if t.batch_size % t.mini_batch_size:
         raise ConfigError(f"config.trainer.mini_batch_size ({t.mini_batch_size}) must divide "
                           f"config.trainer.batch_size ({t.batch_size})")

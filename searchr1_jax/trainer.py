@@ -76,7 +76,8 @@ def build_retriever(config: ml_collections.ConfigDict):
     r = config.retriever
     if not (r.url or r.index_dir):
         raise ConfigError("set config.retriever.index_dir (a built index) or config.retriever.url (a server)")
-    return open_retriever(r.index_dir, r.url, timeout_s=r.timeout_s, index_name="config.retriever.index_dir",
+    return open_retriever(r.index_dir, r.url, timeout_s=r.timeout_s, max_retries=r.max_retries,
+                          max_wait_s=r.max_wait_s, index_name="config.retriever.index_dir",
                           url_name="config.retriever.url")
 
 
@@ -209,6 +210,7 @@ class Trainer:
         self.logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=t.wandb_project,
                                     run_name=c.name, config=c.to_dict())
         self._stop_requested = False
+        self._retries_seen = 0
         self.bad_steps = 0  # consecutive steps whose update was not applied (non-finite)
         self._save_owed = False  # a save fell on an unhealthy step
         if install_signal_handler:
@@ -387,6 +389,8 @@ class Trainer:
         traj = self.rollout(items, self._step_key(step), greedy=False)
         timings["timing/rollout"] = time.perf_counter() - t0
         timings["timing/retrieval"] = float(traj.stats["retrieval_seconds"])
+        retries = getattr(self.retriever, "retries_total", 0)  # HTTP only: a counter over the run
+        retries, self._retries_seen = retries - self._retries_seen, retries
         scores, rows = self.score(items, traj, n)
 
         t1 = time.perf_counter()
@@ -423,6 +427,7 @@ class Trainer:
         self.step_count = step
         timings["timing/step"] = time.perf_counter() - t0
         metrics.update(timings)
+        metrics["retrieval/retries"] = retries
         return {k: float(v) for k, v in metrics.items()}, rows
 
     def _update(self, step, seq, old_logp, ref_logp, advantages, returns, values) -> dict:

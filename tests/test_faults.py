@@ -201,3 +201,87 @@ def test_export_copies_only_tokenizer_files(world, tmp_path):
     (crafted / "tokenizer.json").symlink_to(tmp_path / "secret.json")
     with pytest.raises(ValueError, match="resolves outside"):
         save_hf(model, cfg, tmp_path / "export2", tokenizer_dir=crafted)
+
+
+def _start_server(index, port):
+    proc = subprocess.Popen([sys.executable, "-m", "searchr1_jax.retrieval.server", "--index", str(index),
+                             "--port", str(port)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise TimeoutError("server did not start")
+
+
+def _searching_model(world, out: Path) -> Path:
+    """A Qwen2 model (saved by transformers) whose every rollout turn is
+    `<search> born</search>`: its layers are zero, so the next token depends on the current
+    one only, through an untied LM head that maps any token to `<search>`, `<search>` to
+    ` born`, and ` born` to `</search>`."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(world["paths"].tokenizer)
+    [query] = tokenizer.encode(" born", add_special_tokens=False)  # a word of the world's questions
+    search, close = tokenizer.convert_tokens_to_ids(["<search>", "</search>"])
+    config = transformers.Qwen2Config.from_pretrained(world["model"])
+    config.tie_word_embeddings = False
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed[:, 0] = 1.0  # any token: dimension 0
+        embed[search], embed[query] = 0.0, 0.0
+        embed[search, 1] = embed[query, 2] = 1.0
+        head[search, 0] = head[query, 1] = head[close, 2] = 30.0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_retriever_outage_mid_run_is_waited_out(world, tmp_path):
+    """The server dies once the run has passed its start-up probe (its TensorBoard directory
+    exists), before the first search, and comes back 20 s later: the run retries (counted in
+    its metrics), continues, and ends with the uninterrupted run's numbers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _start_server(world["paths"].index, port)
+    model = _searching_model(world, tmp_path / "searching_model")
+    reference = tmp_path / "reference"
+    _run(world, reference, f"--config.model.path={model}")
+    run = tmp_path / "run"
+    trainer = subprocess.Popen(_command(world, run, "--config.retriever.index_dir=", f"--config.model.path={model}",
+                                        f"--config.retriever.url=http://127.0.0.1:{port}/retrieve"),
+                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "tensorboard").is_dir():
+            assert trainer.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        time.sleep(20)
+        server = _start_server(world["paths"].index, port)
+        _, err = trainer.communicate(timeout=600)
+        assert trainer.returncode == 0, err[-3000:]
+    finally:
+        trainer.kill()
+        server.terminate()
+        server.wait(timeout=30)
+    rows, expected = _rows(run), _rows(reference)
+    assert all(r["rollout/searches"] == 1 for r in expected)  # every episode searched
+    assert sum(r["retrieval/retries"] for r in rows) > 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "retrieval/retries"} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(expected)

@@ -1,14 +1,20 @@
 """`Retriever` over HTTP: talks to our server or the original Search-R1 ``/retrieve`` server.
 
 One POST per `search` call carries the whole batch (``return_scores`` true, so passages keep
-their scores). Connection errors, timeouts and 5xx answers are retried ``retries`` times
-with exponential backoff (``backoff · 2^attempt`` seconds); a 4xx is not retried. When the
-server cannot be reached, :class:`RetrieverUnavailableError` names the URL. An optional LRU
+their scores). Connection errors, timeouts and 5xx answers are retried up to ``retries``
+times with exponential backoff (``backoff · 2^attempt`` seconds, each wait at most
+``MAX_BACKOFF_S``) while the waits add up to at most ``max_wait_s``; after a connection
+error the client first waits for the server to answer ``GET /health`` (any HTTP answer
+counts, so servers without that route work too), so a restarting server (a wiki-18 index
+takes minutes to load) is waited for instead of hammered. A 4xx is not retried. When the
+server cannot be reached, :class:`RetrieverUnavailableError` names the URL. `retries_total`
+counts the retries made, for the trainer's metrics. An optional LRU
 cache (``cache_size`` entries of (query, topk)) sends only the queries it has not seen.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from typing import Sequence
@@ -17,6 +23,9 @@ import httpx
 
 from searchr1_jax.retrieval.corpus import split_contents
 from searchr1_jax.retrieval.types import Passage
+
+
+MAX_BACKOFF_S = 30.0  # longest single wait between retries
 
 
 class RetrieverError(RuntimeError):
@@ -49,12 +58,16 @@ def parse_response(body: object, num_queries: int, url: str) -> list[list[Passag
 class HttpRetriever:
     """`Retriever` over HTTP. `url` is the full endpoint, e.g. ``http://127.0.0.1:8000/retrieve``."""
 
-    def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, cache_size: int = 0):
-        if retries < 0 or backoff < 0 or timeout <= 0 or cache_size < 0:
-            raise ValueError("timeout must be > 0 and retries, backoff, cache_size >= 0")
+    def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
+                 max_wait_s: float = float("inf"), cache_size: int = 0):
+        if retries < 0 or backoff < 0 or timeout <= 0 or cache_size < 0 or not max_wait_s >= 0:
+            raise ValueError("timeout must be > 0 and retries, backoff, max_wait_s, cache_size >= 0")
         self.url = url
+        self.health_url = url.rsplit("/", 1)[0] + "/health"
         self._retries = retries
         self._backoff = backoff
+        self._max_wait_s = max_wait_s
+        self.retries_total = 0
         self._client = httpx.Client(timeout=timeout)
         self._cache_size = cache_size
         self._cache: collections.OrderedDict[tuple[str, int], list[Passage]] = collections.OrderedDict()
@@ -63,9 +76,18 @@ class HttpRetriever:
     def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         payload = {"queries": queries, "topk": topk, "return_scores": True}
         last_error: Exception | None = None
+        waited, attempts = 0.0, 0
         for attempt in range(self._retries + 1):
             if attempt:
-                time.sleep(self._backoff * 2 ** (attempt - 1))
+                if waited >= self._max_wait_s:
+                    break
+                pause = min(self._backoff * 2 ** (attempt - 1), MAX_BACKOFF_S, self._max_wait_s - waited)
+                time.sleep(pause)
+                waited += pause
+                self.retries_total += 1
+            attempts = attempt + 1  # a try: the POST, or after a connection error first /health
+            if attempt and isinstance(last_error, httpx.TransportError) and not self._answers_health():
+                continue  # still down: wait again before sending the batch
             try:
                 response = self._client.post(self.url, json=payload)
             except httpx.TransportError as err:  # refused, reset, DNS, timeout
@@ -82,10 +104,29 @@ class HttpRetriever:
                 raise RetrieverError(f"{self.url}: the response is not JSON: {response.text[:200]}") from None
             return parse_response(body, len(queries), self.url)
         if isinstance(last_error, RetrieverError):
-            raise RetrieverError(f"{last_error} (after {self._retries + 1} attempts)")
+            raise RetrieverError(f"{last_error} (after {attempts} attempts)")
         raise RetrieverUnavailableError(
-            f"retrieval server at {self.url} unreachable after {self._retries + 1} attempts: {type(last_error).__name__}: {last_error}"
+            f"retrieval server at {self.url} unreachable after {attempts} attempts over {waited:.1f} s: "
+            f"{type(last_error).__name__}: {last_error}"
         )
+
+    @contextlib.contextmanager
+    def quick_retries(self, retries: int = 3, max_wait_s: float = 5.0):
+        """Within the block, fail fast (a start-up probe must not wait minutes for a wrong URL)."""
+        saved = self._retries, self._max_wait_s
+        self._retries, self._max_wait_s = min(retries, self._retries), min(max_wait_s, self._max_wait_s)
+        try:
+            yield self
+        finally:
+            self._retries, self._max_wait_s = saved
+
+    def _answers_health(self) -> bool:
+        """Whether the server answers at all (any HTTP status) at its /health URL."""
+        try:
+            self._client.get(self.health_url)
+        except httpx.TransportError:
+            return False
+        return True
 
     def search(self, queries: Sequence[str], topk: int) -> list[list[Passage]]:
         queries = list(queries)
