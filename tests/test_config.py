@@ -53,6 +53,13 @@ def test_value_outside_choices_is_named():
     ("trainer.micro_batch_size", 7, r"micro_batch_size \(7\) must divide"),
     ("rollout.max_context_tokens", 1000, r"max_context_tokens \(1000\) must hold"),
     ("trainer.total_steps", 0, r"config\.trainer\.total_steps: must be > 0"),
+    ("optim.actor_lr", float("nan"), r"config\.optim\.actor_lr: must be a finite number >= 0, got nan"),
+    ("optim.actor_lr", -1e-6, r"config\.optim\.actor_lr: must be a finite number >= 0"),
+    ("optim.critic_lr", float("inf"), r"config\.optim\.critic_lr: must be a finite number >= 0"),
+    ("trainer.keep_checkpoints", 0, r"config\.trainer\.keep_checkpoints: must be > 0"),
+    ("retriever.timeout_s", 0.0, r"config\.retriever\.timeout_s: must be > 0"),
+    ("retriever.max_wait_s", float("nan"), r"config\.retriever\.max_wait_s: must be > 0"),
+    ("trainer.max_bad_steps", 0, r"config\.trainer\.max_bad_steps: must be > 0"),
 ])
 def test_impossible_combinations(field, value, pattern):
     c = base_config()
