@@ -28,8 +28,10 @@ accumulation), best of 5.
     tokens/s from generate(1). It runs first and frees its memory; JAX allocates on demand.
 
 Every part is timed after a compile/warm-up run (compile seconds printed). A part that fails
-prints its error and the script goes on; parts that would overrun --budget seconds are
-skipped with a note. Output: markdown tables.
+prints its error and the script goes on. Order: (d), machine, (a)+(c) with the backend's
+policy, (b), then (a) with the naive policy; a part starts only if the --budget (420 s of
+wall clock) still holds the longest part of its kind so far, else it prints "skipped".
+Output: markdown tables, then "done in N s".
 """
 from __future__ import annotations
 
@@ -71,8 +73,8 @@ SHAPES = {
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          tie_word_embeddings=True, rope_theta=1e6),
-    # --smoke: two layers of the demo model's width (compiles in seconds on a CPU).
-    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+    # --smoke: one layer of the demo model's width (compiles in seconds on a CPU).
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
 SEED = 0
@@ -93,13 +95,13 @@ class Plan:
     train_policies: tuple[str, ...] = ("gpu", "cudnn", "naive")
     copy_bytes: int = 2 << 30
     matmul_size: int = 8192
-    budget: float = 450.0  # seconds for the JAX parts, after which the rest is skipped
+    budget: float = 420.0  # wall-clock seconds for the whole run (parts that would overrun are skipped)
 
 
 SMOKE = Plan(decode_shape="tiny", batches=(4,), context=(24, 72), new_tokens=8,
              decode_policies=("auto", "gpu"), train_shape="tiny", train_length=64,
              train_policies=("gpu", "naive"), copy_bytes=64 << 20, matmul_size=512,
-             budget=120.0)
+             budget=240.0)
 
 
 def hf_config(shape: str):
@@ -263,23 +265,40 @@ def run_training(plan: Plan, policy: str, model_cache: dict) -> dict:
 
 
 class Budget:
-    """Skips parts once the JAX parts have used their seconds."""
+    """Wall-clock seconds for the whole run: a part starts only if the seconds left exceed
+    the longest part of its kind so far (or `first_guess` before any ran)."""
 
-    def __init__(self, seconds: float):
-        self.start, self.seconds = time.perf_counter(), seconds
+    def __init__(self, seconds: float, first_guess: float):
+        self.start, self.seconds, self.first_guess = time.perf_counter(), seconds, first_guess
+        self.longest: dict[str, float] = {}
 
-    def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.start)
+    def allows(self, kind: str) -> bool:
+        left = self.seconds - (time.perf_counter() - self.start)
+        return left > self.longest.get(kind, self.first_guess)
+
+    def run(self, kind: str, what: str, fn, *args):
+        """fn(*args), or None after printing why it failed (a failing part must not lose the
+        others' figures)."""
+        clock = time.perf_counter()
+        try:
+            return fn(*args)
+        except Exception as error:
+            print(f"\n{what} failed: {type(error).__name__}: {error}", flush=True)
+            traceback.print_exc(limit=3)
+            return None
+        finally:
+            self.longest[kind] = max(self.longest.get(kind, 0.0), time.perf_counter() - clock)
 
 
-def attempt(what: str, fn, *args):
-    """fn(*args), or None after printing why it failed."""
-    try:
-        return fn(*args)
-    except Exception as error:  # a part that fails must not lose the others' figures
-        print(f"\n{what} failed: {type(error).__name__}: {error}", flush=True)
-        traceback.print_exc(limit=3)
-        return None
+def print_decode_row(plan: Plan, policy: str, batch: int, ours: dict, theirs: dict | None,
+                     bandwidth: float) -> None:
+    bound = decode_roofline(ours["shape"], bandwidth, ours["lengths"], plan.new_tokens)
+    rate = ours["tokens_per_second"]
+    hf = (f"{theirs['tokens_per_second']:,.0f} | {rate / theirs['tokens_per_second']:.2f}x | "
+          f"{theirs['prefill_tokens_per_second']:,.0f}" if theirs else "– | – | –")
+    print(f"| {attention_module.policy(policy).name} | {batch} | {rate:,.0f} | {bound:,.0f} | "
+          f"{rate / bound:.0%} | {ours['prefill_tokens_per_second']:,.0f} | {hf} | "
+          f"{ours['compile']:.0f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -287,7 +306,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--parts", default="abcd", help="which of a, b, c, d to run (c comes with a)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the JAX parts")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="wall-clock seconds for the whole run (default 420; smoke 240)")
     parser.add_argument("--train-batch", type=int, default=None, help="rows per training micro-batch")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else Plan()
@@ -295,6 +315,7 @@ def main(argv=None) -> int:
         plan = dataclasses.replace(plan, budget=args.budget)
     if args.train_batch is not None:
         plan = dataclasses.replace(plan, train_batch=args.train_batch)
+    budget = Budget(plan.budget, first_guess=plan.budget / 8)
     device = jax.devices()[0]
     import torch
     import transformers
@@ -305,64 +326,60 @@ def main(argv=None) -> int:
     theirs = {}
     if "d" in args.parts:
         for batch in plan.batches:
-            theirs[batch] = attempt(f"(d) transformers batch {batch}", run_transformers, plan, batch)
+            theirs[batch] = budget.run("d", f"(d) transformers batch {batch}", run_transformers, plan, batch)
 
-    budget = Budget(plan.budget)
     machine = measure_machine(plan)
     print(f"machine: copy bandwidth {machine['bandwidth'] / 1e9:,.0f} GB/s, bf16 matmul "
           f"{machine['flops'] / 1e12:,.1f} TFLOP/s (measured)", flush=True)
+    # No row stops before new_tokens here, so the engine's compacted phases would never run.
+    engine_module.compact_sizes = lambda rows, shards: ()
+    decode_cache: dict = {}
+
+    def decode_table(policies):
+        for policy in policies:
+            for batch in plan.batches:
+                if not budget.allows("a"):
+                    print(f"| {policy} | {batch} | skipped: the {plan.budget:.0f} s budget would run out |")
+                    continue
+                ours = budget.run("a", f"(a) decode {policy} batch {batch}", run_decode, plan, policy,
+                                  batch, decode_cache)
+                if ours is not None:
+                    print_decode_row(plan, policy, batch, ours, theirs.get(batch), machine["bandwidth"])
 
     if "a" in args.parts:
-        # No row stops before new_tokens here, so the compacted phases would never run.
-        engine_module.compact_sizes = lambda rows, shards: ()
         print(f"\n(a) decode and (c) prefill: {plan.decode_shape}, bf16, prompts of "
               f"{plan.context[0]}-{plan.context[1]} tokens, {plan.new_tokens} new tokens per row")
         print("\n| policy | batch | decode tok/s | roofline tok/s | of roofline | prefill tok/s "
               "| transformers decode tok/s | ours / transformers | transformers prefill tok/s | compile s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        model_cache: dict = {}
-        for policy in plan.decode_policies:
-            for batch in plan.batches:
-                if budget.left() <= 0:
-                    print(f"| {policy} | {batch} | skipped: over the {plan.budget:.0f} s budget |")
-                    continue
-                ours = attempt(f"(a) decode {policy} batch {batch}", run_decode, plan, policy, batch,
-                               model_cache)
-                if ours is None:
-                    continue
-                bound = decode_roofline(ours["shape"], machine["bandwidth"], ours["lengths"],
-                                        plan.new_tokens)
-                hf = theirs.get(batch)
-                print(f"| {attention_module.policy(policy).name} | {batch} | {ours['tokens_per_second']:,.0f} "
-                      f"| {bound:,.0f} | {ours['tokens_per_second'] / bound:.0%} "
-                      f"| {ours['prefill_tokens_per_second']:,.0f} "
-                      f"| {hf['tokens_per_second']:,.0f} | {ours['tokens_per_second'] / hf['tokens_per_second']:.2f}x "
-                      f"| {hf['prefill_tokens_per_second']:,.0f} | {ours['compile']:.0f} |"
-                      if hf else
-                      f"| {attention_module.policy(policy).name} | {batch} | {ours['tokens_per_second']:,.0f} "
-                      f"| {bound:,.0f} | {ours['tokens_per_second'] / bound:.0%} "
-                      f"| {ours['prefill_tokens_per_second']:,.0f} | – | – | – | {ours['compile']:.0f} |",
-                      flush=True)
-        del model_cache
+        decode_table(plan.decode_policies[:1])
 
     if "b" in args.parts:
         print(f"\n(b) training micro-batch: {plan.train_shape}, {plan.train_batch} x "
               f"{plan.train_length} tokens, bf16, remat, forward + backward")
         print("\n| attention policy | step s | model TFLOP | TFLOP/s | MFU | compile s |")
         print("|---|---|---|---|---|---|")
-        model_cache = {}
+        train_cache: dict = {}
         for policy in plan.train_policies:
-            if budget.left() <= 0:
-                print(f"| {policy} | skipped: over the {plan.budget:.0f} s budget |")
+            if not budget.allows("b"):
+                print(f"| {policy} | skipped: the {plan.budget:.0f} s budget would run out |")
                 continue
-            result = attempt(f"(b) training {policy}", run_training, plan, policy, model_cache)
+            result = budget.run("b", f"(b) training {policy}", run_training, plan, policy, train_cache)
             if result is None:
                 continue
             rate = result["flops"] / result["seconds"]
             print(f"| {policy} | {result['seconds']:.3f} | {result['flops'] / 1e12:.3g} | "
                   f"{rate / 1e12:,.3g} | {rate / machine['flops']:.0%} | {result['compile']:.0f} |",
                   flush=True)
-    print("\ndone", flush=True)
+        del train_cache
+
+    if "a" in args.parts and len(plan.decode_policies) > 1:
+        print("\n(a) decode, other attention policies (same columns)\n")
+        print("| policy | batch | decode tok/s | roofline tok/s | of roofline | prefill tok/s "
+              "| transformers decode tok/s | ours / transformers | transformers prefill tok/s | compile s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        decode_table(plan.decode_policies[1:])
+    print(f"\ndone in {time.perf_counter() - budget.start:.0f} s", flush=True)
     return 0
 
 

@@ -38,7 +38,7 @@ def test_smoke_run_prints_every_part():
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert "failed" not in out and "skipped" not in out and out.rstrip().endswith("done"), out
+    assert "failed" not in out and "skipped" not in out and "\ndone in" in out, out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     decode = [r for r in rows if len(r) == 10 and r[0].strip() != "policy"]
     train = [r for r in rows if len(r) == 6 and r[0].strip() != "attention policy"]
