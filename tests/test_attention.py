@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from searchr1_jax.config import ATTENTION_POLICIES
 from searchr1_jax.models import attention
 from searchr1_jax.models.kernels import flash, library, ragged
 from searchr1_jax.models.kernels.common import Visibility
@@ -232,6 +233,8 @@ def test_policy_choice():
         attention.policy("fused")
     with pytest.raises(ValueError, match="cannot read a KV cache"):
         attention.attend_cache(None, None, None, None, "splash")
+    # the trainer's config accepts exactly these names
+    assert set(ATTENTION_POLICIES) == {"auto", *attention.POLICIES}
 
 
 # -- the kernels lower for their backends ------------------------------------------------------

@@ -38,13 +38,20 @@ class Visibility:
     q_slot: jax.Array
     mask: jax.Array | None = None
 
+    # The constructors also write the rule out densely for their own case, in the fewest
+    # operations; implementations that do not read it drop it (`without_dense`), and XLA
+    # then never computes it.
     @classmethod
     def for_sequences(cls, attention_mask: jax.Array) -> "Visibility":
         """Training/scoring rows: attention_mask [B, T], 0 on padding, else the id of the
         packed sequence of each token (a 0/1 mask is one sequence per row)."""
         segment = attention_mask.astype(jnp.int32)
-        slots = jnp.broadcast_to(jnp.arange(segment.shape[1], dtype=jnp.int32), segment.shape)
-        return cls(q_segment=segment, kv_segment=segment, q_slot=slots)
+        t = segment.shape[1]
+        slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment.shape)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, :, None] == 0)
+        mask = causal[None] & (segment > 0)[:, None, :] & same
+        return cls(q_segment=segment, kv_segment=segment, q_slot=slots, mask=mask)
 
     @classmethod
     def for_chunk(cls, valid_after: jax.Array, start: jax.Array, chunk_len: int) -> "Visibility":
@@ -53,13 +60,19 @@ class Visibility:
         own, padding queries included."""
         b = valid_after.shape[0]
         q_slot = start[:, None].astype(jnp.int32) + jnp.arange(chunk_len, dtype=jnp.int32)[None, :]
+        slots = jnp.arange(valid_after.shape[1], dtype=jnp.int32)
+        mask = valid_after[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])
         return cls(q_segment=jnp.zeros((b, chunk_len), jnp.int32),
-                   kv_segment=valid_after.astype(jnp.int32), q_slot=q_slot)
+                   kv_segment=valid_after.astype(jnp.int32), q_slot=q_slot, mask=mask)
 
     def dense(self) -> jax.Array:
-        """The rule as a [B, T, S] bool mask."""
+        """The rule as a [B, T, S] bool mask (the attached one, if any)."""
         if self.mask is not None:
             return self.mask
+        return self.rule_dense()
+
+    def rule_dense(self) -> jax.Array:
+        """The rule as a [B, T, S] bool mask, computed from the vectors."""
         slots = jnp.arange(self.kv_segment.shape[1], dtype=jnp.int32)
         kv = self.kv_segment[:, None, :]
         q = self.q_segment[:, :, None]
@@ -67,7 +80,7 @@ class Visibility:
                 & ((q == 0) | (kv == q)))
 
     def with_dense(self) -> "Visibility":
-        """The same visibility with its dense mask computed once (shared by all layers)."""
+        """The same visibility with its dense mask attached (computed once, for all layers)."""
         return self.replace(mask=self.dense())
 
     def without_dense(self) -> "Visibility":
@@ -127,11 +140,18 @@ def block_visible(row_slot, row_segment, kv_segment, first_slot: jax.Array, bloc
             & ((row_segment == 0) | (kv_segment == row_segment)))
 
 
+def dot(a, b, contract: tuple[int, int]) -> jax.Array:
+    """A 2-D product contracting axis contract[0] of a with axis contract[1] of b, float32
+    out. HIGHEST precision: float32 operands are multiplied in full float32 (Triton would
+    use TF32 by default); bfloat16 products are exact either way."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               preferred_element_type=jnp.float32,
+                               precision=jax.lax.Precision.HIGHEST)
+
+
 def block_scores(rows, keys, scale: float) -> jax.Array:
     """rows [BR, D] · keys [BK, D]ᵀ in float32, scaled: [BR, BK]."""
-    scores = jax.lax.dot_general(rows, keys, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-    return scores * scale
+    return dot(rows, keys, (1, 1)) * scale
 
 
 def online_softmax_step(scores, visible, values, top, total, acc):
@@ -146,9 +166,7 @@ def online_softmax_step(scores, visible, values, top, total, acc):
     probs = jnp.where(visible, jnp.exp(scores - new_top), 0.0)
     rescale = jnp.exp(top - new_top)
     total = total * rescale + jnp.sum(probs, axis=1, keepdims=True)
-    acc = acc * rescale + jax.lax.dot_general(probs.astype(values.dtype), values,
-                                              (((1,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32)
+    acc = acc * rescale + dot(probs.astype(values.dtype), values, (1, 0))
     return new_top, total, acc
 
 

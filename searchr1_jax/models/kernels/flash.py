@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from searchr1_jax.models.kernels.common import (MASK_VALUE, Visibility, block_scores, block_visible,
-                                                finish_softmax, kernel_operands,
-                                                online_softmax_step, ungrouped_rows)
+from searchr1_jax.models.kernels.common import (MASK_VALUE, Visibility, block_scores,
+                                                block_visible, dot, finish_softmax,
+                                                kernel_operands, ungrouped_rows,
+                                                online_softmax_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,14 @@ class FlashConfig:
         return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def default_config(backend: str | None = None) -> FlashConfig:
-    """Blocks that suit the backend; interpret mode (small blocks) on a CPU."""
+def default_config(rows: int, backend: str | None = None) -> FlashConfig:
+    """Blocks for `rows` query rows per KV head (T · G); interpret mode (small blocks) on a
+    CPU. A decode step has only G rows: its row block shrinks to the next power of two
+    (at least 16, Triton's smallest product tile). Untuned: gpu.py's first run decides."""
     backend = backend or jax.default_backend()
     if backend == "cpu":
         return FlashConfig(block_rows=16, block_kv=16, interpret=True)
-    return FlashConfig()
+    return FlashConfig(block_rows=min(64, max(16, 1 << max(0, rows - 1).bit_length())))
 
 
 def flash_attention(q, k, v, vis: Visibility, config: FlashConfig | None = None) -> jax.Array:
@@ -61,9 +64,9 @@ def flash_attention(q, k, v, vis: Visibility, config: FlashConfig | None = None)
     Scores and softmax in float32; the products read q, k, v in their own dtype. A query
     that sees no key gets 0. Differentiable in q, k and v.
     """
-    config = config or default_config()
     b, t, h, d = q.shape
     kvh = k.shape[1]
+    config = config or default_config(t * (h // kvh))
     rows, row_slot, row_segment, kv_segment, k, v = kernel_operands(
         q, k, v, vis, config.block_rows, config.block_kv)
     out = _flash_rows(rows, k, v, row_slot, row_segment, kv_segment, (config, 1.0 / math.sqrt(d)))
@@ -146,11 +149,8 @@ def _dq_kernel(rows_ref, dout_ref, lse_ref, delta_ref, slot_ref, segment_ref, kv
         visible = block_visible(row_slot, row_segment, kv_segment_ref[:, pl.ds(first, block_kv)],
                                 first, block_kv)
         probs = _probabilities(rows, keys, scale, visible, lse)
-        dprobs = jax.lax.dot_general(dout, values, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        dscores = probs * (dprobs - delta)
-        return dq + jax.lax.dot_general(dscores.astype(keys.dtype), keys, (((1,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+        dscores = probs * (dot(dout, values, (1, 1)) - delta)
+        return dq + dot(dscores.astype(keys.dtype), keys, (1, 0))
 
     dq = jax.lax.fori_loop(0, end, step, jnp.zeros(rows.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -178,13 +178,9 @@ def _dkv_kernel(rows_ref, dout_ref, lse_ref, delta_ref, slot_ref, segment_ref, k
         rows, dout = rows_ref[at, :], dout_ref[at, :]
         visible = block_visible(slot_ref[at, :], segment_ref[at, :], kv_segment, first, block_kv)
         probs = _probabilities(rows, keys, scale, visible, lse_ref[at, :])
-        dv = dv + jax.lax.dot_general(probs.astype(dout.dtype), dout, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-        dprobs = jax.lax.dot_general(dout, values, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        dscores = probs * (dprobs - delta_ref[at, :])
-        dk = dk + jax.lax.dot_general(dscores.astype(rows.dtype), rows, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
+        dv = dv + dot(probs.astype(dout.dtype), dout, (0, 0))
+        dscores = probs * (dot(dout, values, (1, 1)) - delta_ref[at, :])
+        dk = dk + dot(dscores.astype(rows.dtype), rows, (0, 0))
         return dk, dv
 
     zeros = jnp.zeros(keys.shape, jnp.float32)
