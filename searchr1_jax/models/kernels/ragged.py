@@ -94,10 +94,12 @@ def ragged_attention(q, k, v, vis: Visibility, config: RaggedConfig | None = Non
     kvh = k.shape[1]
     config = config or default_config(t)
     block_rows = min(config.block_rows, round_up(t * (h // kvh), 8))
-    rows, row_slot, row_segment, kv_segment, k, v = kernel_operands(
-        q, k, v, vis, block_rows, config.block_kv)
+    # A key block that divides the window (rollout windows are multiples of 256 slots), so
+    # that the cache is never padded, i.e. copied, for the call.
+    bk = next((n for n in (config.block_kv, 256, 128) if n <= config.block_kv and k.shape[2] % n == 0),
+              config.block_kv)
+    rows, row_slot, row_segment, kv_segment, k, v = kernel_operands(q, k, v, vis, block_rows, bk)
     r, s = rows.shape[2], k.shape[2]
-    bk = config.block_kv
     num_row_blocks, num_kv_blocks = r // block_rows, s // bk
     first, end = block_ranges(row_slot, kv_segment, block_rows, bk, num_kv_blocks)
 
