@@ -19,6 +19,9 @@ CRITIC_ALGORITHMS = ("ppo",)
 # Algorithms that compare samples of the same prompt.
 GROUP_ALGORITHMS = ("grpo", "rloo", "drgrpo")
 DTYPES = ("float32", "bfloat16", "float16")
+# models/attention.py's policies ("auto": the backend's); kept here so that a config is
+# checked without importing the models (tests/test_attention.py ties the two lists).
+ATTENTION_POLICIES = ("auto", "cpu", "gpu", "tpu", "cudnn", "naive")
 CHOICES: dict[str, tuple] = {
     "algorithm.name": ALGORITHMS,
     "algorithm.loss_agg_mode": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
@@ -26,6 +29,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.kl_controller": ("fixed", "adaptive"),
     "model.param_dtype": DTYPES,
     "model.compute_dtype": DTYPES,
+    "model.attention": ATTENTION_POLICIES,
     "data.template": ("base", "chat"),
     "mesh.preset": ("fsdp", "fsdp_tensor", "data"),
     "demo.size": ("full", "small", "reduced"),
@@ -44,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
+    c.model.attention = "auto"  # attention implementations (models/attention.py); "auto": by backend
     c.model.critic_path = ""  # defaults to model.path (critic starts from the base model)
 
     c.data = ml_collections.ConfigDict()

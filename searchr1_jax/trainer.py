@@ -134,6 +134,7 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, *, install_signal_handler: bool = True):
         from searchr1_jax.models import ValueModel, load_hf, load_tokenizer
+        from searchr1_jax.models.decoder import set_attention
         from searchr1_jax.rewards import make_reward_fn
 
         self.config = validate(config)
@@ -153,6 +154,7 @@ class Trainer:
         parallel.sync_processes("output_dir")
         policy, self.model_config = load_hf(model_path, dtype=DTYPES[c.model.param_dtype],
                                             compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
+        set_attention(policy, c.model.attention)
         self.algorithm = c.algorithm.name
         self.kl_coef = c.algorithm.kl_coef
         self.use_reference = self.kl_coef > 0 and (c.algorithm.kl_in_reward or c.algorithm.kl_loss)
@@ -185,6 +187,7 @@ class Trainer:
             if c.model.critic_path and c.model.critic_path != model_path:
                 critic_src, _ = load_hf(c.model.critic_path, dtype=DTYPES[c.model.param_dtype],
                                         compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
+                set_attention(critic_src, c.model.attention)
             critic = ValueModel.from_decoder(critic_src, rngs=nnx.Rngs(c.seed + 1), remat=c.model.remat)
             parallel.shard_module(critic, self.mesh, self.rules)
             self.critic_graphdef, critic_params = nnx.split(critic)

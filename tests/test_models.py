@@ -12,7 +12,7 @@ from flax import nnx
 
 from searchr1_jax.models import Decoder, ValueModel, load_config, load_hf, save_hf
 from searchr1_jax.models.config import config_from_hf_dict
-from searchr1_jax.models.decoder import positions_from_mask
+from searchr1_jax.models.decoder import positions_from_mask, set_attention
 
 VOCAB = 97
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -76,6 +76,44 @@ def test_logits_match_transformers_with_left_padding(hf_checkpoint):
     ref = _torch_logits(torch_model, tokens, mask)
     diff = np.abs(ours - ref)[mask.astype(bool)].max()
     assert diff <= 1e-4, f"{name}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("family, policy", [("qwen2", "naive"), ("qwen2", "gpu"), ("qwen2", "tpu"),
+                                            ("qwen2", "cudnn"), ("qwen3", "gpu"), ("qwen3", "tpu")])
+def test_every_attention_policy_matches_transformers(family, policy, tmp_path):
+    """The GPU and TPU policies (Pallas kernels interpreted on this CPU, cuDNN's call in its
+    XLA form) and the naive path give transformers' logits: a left-padded full pass, and a
+    prefill then one token at a time through their own cache layout (qwen3: head_dim 32,
+    q/k norms)."""
+    torch_model = _hf_model(FAMILIES[family]())
+    torch_model.save_pretrained(tmp_path, safe_serialization=True)
+    model, _ = load_hf(tmp_path)
+    set_attention(model, policy)
+    tokens, mask = _left_padded_batch(seed=5)
+    ref = _torch_logits(torch_model, tokens, mask)
+    full = np.asarray(jax.jit(lambda m, t, a: m(t, a))(model, tokens, mask))
+    extend = jax.jit(lambda m, t, a, c: m.extend(t, a, c))
+    cache = model.init_cache(tokens.shape[0], capacity=32)
+    assert cache.layout == "heads"
+    logits, cache = extend(model, tokens[:, :14], mask[:, :14], cache)
+    steps = [np.asarray(logits)]
+    for t in range(14, tokens.shape[1]):
+        logits, cache = extend(model, tokens[:, t:t + 1], mask[:, t:t + 1], cache)
+        steps.append(np.asarray(logits))
+    cached = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    assert np.abs(full - ref)[real].max() <= 1e-4
+    assert np.abs(cached - ref)[real].max() <= 1e-4
+
+
+def test_a_cache_of_another_layout_is_refused(tmp_path):
+    model = Decoder(load_config_from(FAMILIES["qwen2"]()), rngs=nnx.Rngs(0))
+    cache = model.init_cache(2, capacity=16)
+    set_attention(model, "gpu")
+    with pytest.raises(ValueError, match="'cpu'-layout KV cache cannot serve attention policy 'gpu'"):
+        model.extend(jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1), jnp.int32), cache)
+    with pytest.raises(ValueError, match="unknown attention policy"):
+        set_attention(model, "fast")
 
 
 def test_family_specific_parameters_are_loaded(hf_checkpoint):

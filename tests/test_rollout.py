@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from searchr1_jax import parallel
 from searchr1_jax.models import Decoder
 from searchr1_jax.models.config import config_from_hf_dict
+from searchr1_jax.models.decoder import set_attention
 from searchr1_jax.parallel.sharding import place_array
 from searchr1_jax.retrieval.observation import format_passages, wrap_information
 from searchr1_jax.retrieval.types import Passage
@@ -245,6 +246,23 @@ def test_compacted_decode_phases_give_the_same_greedy_rollout(policy, tokenizer,
             np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(expected, field)),
                                           err_msg=field)
         np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(expected.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_policy", ["gpu", "tpu"])
+def test_rollout_through_accelerator_kernels_equals_cpu_rollout(policy, tokenizer, greedy_run,
+                                                                 attention_policy):
+    """The engine never looks inside the cache: with the GPU or TPU attention policy (their
+    Pallas kernels interpreted on this CPU, keys [B, KVH, S, D] instead of the CPU's
+    transposed keys) the greedy rollout is the same, token for token."""
+    other = nnx.clone(policy)
+    set_attention(other, attention_policy)
+    got = RolloutDriver(other, tokenizer, GREEDY).run(_prompt_ids(tokenizer), ScriptedRetriever(),
+                                                      jax.random.key(0))
+    expected, _ = greedy_run
+    for field in ("tokens", "loss_mask", "response_end", "searches", "turns"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(expected, field)),
+                                      err_msg=field)
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 
 
 def test_trajectory_layout(greedy_run, tokenizer):

@@ -8,6 +8,7 @@ from flax import nnx
 
 from searchr1_jax.models import Decoder, load_tokenizer
 from searchr1_jax.models.config import config_from_hf_dict
+from searchr1_jax.models.decoder import set_attention
 from searchr1_jax.sft import pack_batch, read_trajectories, run_sft, tokenize_trajectory
 from searchr1_jax.train_step import SequenceBatch, sequence_logprobs
 from tests.conftest import make_tiny_world
@@ -75,6 +76,22 @@ def test_packed_rows_give_each_trajectory_its_own_logprobs(world, tokenizer, mod
                     np.testing.assert_allclose(logp_packed[r, where[1:]], logp_alone[i, 1:len(ids)], atol=1e-5)
                     found += 1
     assert found >= len(examples)
+
+
+@pytest.mark.parametrize("policy", ["gpu", "tpu", "cudnn"])
+def test_packed_rows_on_every_attention_policy(world, tokenizer, model, policy):
+    """Packed rows (segment ids) give the same logprobs through the GPU and TPU kernels
+    (interpreted here) as through the CPU path, which the test above ties to one trajectory
+    per row."""
+    examples = [tokenize_trajectory(r, tokenizer) for r in read_trajectories(world["paths"].sft)[:4]]
+    width = -(-max(len(ids) for ids, _ in examples) // 64) * 64 * 2
+    packed = pack_batch(examples, width, tokenizer.pad_token_id, row_multiple=2)
+    other = nnx.clone(model)
+    set_attention(other, policy)
+    want = np.asarray(sequence_logprobs(model, packed)[0])
+    got = np.asarray(sequence_logprobs(other, packed)[0])
+    real = np.asarray(packed.attention_mask) > 0
+    np.testing.assert_allclose(got[real], want[real], atol=1e-5)
 
 
 def test_pack_batch_cuts_long_sequences_and_pads_rows(tokenizer):

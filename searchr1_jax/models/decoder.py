@@ -8,6 +8,9 @@ Call modes of `Decoder`:
   * `model.extend(tokens, token_mask, cache)` → (logits [B, C, V], cache): prefill a prompt
     or append any chunk (one decoded token, an observation) to each row's cache;
     `model.extend_hidden` does the same and returns final hidden states instead of logits.
+
+Attention goes through `models.attention`: the model's `attention` policy ("auto": by
+backend) names the implementation of each call and the cache layout `init_cache` makes.
 """
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from searchr1_jax.models import attention
 from searchr1_jax.models.config import ModelConfig
-from searchr1_jax.models.kv_cache import (KVCache, chunk_attention_mask, chunk_extent,
-                                          chunk_positions, write_rows)
-from searchr1_jax.models.layers import Linear, RMSNorm, apply_rope, attend, rope_inverse_frequencies
+from searchr1_jax.models.kernels.common import Visibility
+from searchr1_jax.models.kv_cache import (VALUE_SLOT_AXIS, KEY_SLOT_AXIS, KVCache, chunk_extent,
+                                          chunk_positions, keys_in_layout, values_in_layout,
+                                          write_rows)
+from searchr1_jax.models.layers import Linear, RMSNorm, apply_rope, rope_inverse_frequencies
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -33,11 +39,14 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     to (a plain 0/1 mask is one sequence per row). Packed sequences never see each other; a
     padding query sees every real key before it (its output is never used).
     """
-    t = attention_mask.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    segment = attention_mask.astype(jnp.int32)
-    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, :, None] == 0)
-    return causal[None] & (segment > 0)[:, None, :] & same
+    return Visibility.for_sequences(attention_mask).dense()
+
+
+def set_attention(model: nnx.Module, policy: str) -> None:
+    """Switch a Decoder or ValueModel to another attention policy (models/attention.py),
+    e.g. after `load_hf`. Caches made before keep their layout and no longer fit."""
+    attention.policy(policy)  # an unknown name fails here, not at the first call
+    model.model.attention = policy
 
 
 class Attention(nnx.Module):
@@ -89,19 +98,22 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, mask, inv_freq, kv=None, start=None):
-        """One block. Without `kv`: attend within x. With kv = (K [B,KVH,D,S], V [B,KVH,S,D]):
-        write this chunk's keys/values at slots `start` and attend over the whole buffer.
-        Returns (x, kv) with kv the updated buffers (or None)."""
+    def __call__(self, x, positions, vis, inv_freq, kv=None, start=None, *, implementation: str,
+                 layout: str = "cpu"):
+        """One block. Without `kv`: attend within x. With kv = (keys, values) in the cache's
+        `layout` (kv_cache): write this chunk's keys/values at slots `start` and attend over
+        the whole buffer. vis: the queries' `Visibility`; implementation: the attention
+        implementation (models/attention.py). Returns (x, kv) with kv the updated buffers
+        (or None)."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions, inv_freq)
-        k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # the cache's layouts
-        if kv is not None:
-            k = write_rows(kv[0], k, start, slot_axis=3)
-            v = write_rows(kv[1], v, start, slot_axis=2)
-            kv = (k, v)
-        # A chunk written at slots start … start+T-1 sees no slot past its own.
-        extent = None if kv is None else start + x.shape[1]
-        x = x + self.self_attn.output(attend(q, k, v, mask, extent))
+        if kv is None:
+            out = attention.attend_sequence(q, k, v, vis, implementation)
+        else:
+            kv = (write_rows(kv[0], keys_in_layout(k, layout), start, slot_axis=KEY_SLOT_AXIS[layout]),
+                  write_rows(kv[1], values_in_layout(v), start, slot_axis=VALUE_SLOT_AXIS))
+            # A chunk written at slots start … start+T-1 sees no slot past its own.
+            out = attention.attend_cache(q, *kv, vis, implementation, extent=start + x.shape[1])
+        x = x + self.self_attn.output(out)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 
@@ -109,7 +121,8 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """Embeddings, decoder layers and final norm: tokens → hidden states [B, T, E]."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool = False,
+                 attention: str = "auto"):
         emb = 0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
         self.embed_tokens = nnx.Param(emb.astype(param_dtype), logical_axes=("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -119,20 +132,31 @@ class Transformer(nnx.Module):
         self.remat = remat
         self.head_dim = cfg.head_dim
         self.rope = cfg.rope
+        self.attention = attention  # a policy name of models/attention.py
 
-    def __call__(self, tokens, positions, mask, cache: KVCache | None = None, start=None):
+    def __call__(self, tokens, positions, vis: Visibility, cache: KVCache | None = None, start=None):
+        """tokens, positions [B, T] → (hidden [B, T, E], (keys, values) of the updated cache,
+        empty without one). vis: which slots each query sees."""
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+        policy = attention.policy(self.attention)
+        implementation = policy.implementation(attention.case_of(tokens.shape[1], cache is not None))
+        if cache is not None and cache.layout != policy.layout:
+            raise ValueError(f"a {cache.layout!r}-layout KV cache cannot serve attention policy "
+                             f"{policy.name!r} (layout {policy.layout!r}): make it with init_cache")
+        vis = attention.prepare(vis, implementation)  # one dense mask for all layers, if needed
+        layer_args = dict(implementation=implementation, layout=policy.layout)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             # Remat saves activations for a backward pass; a cached call (rollout) never has one,
             # and nnx.remat inside the rollout's scan would trace the module at a foreign level.
             if self.remat and cache is None:
-                call = nnx.remat(lambda lyr, h, kv_: lyr(h, positions, mask, inv_freq, kv_, start))
+                call = nnx.remat(lambda lyr, h, kv_: lyr(h, positions, vis, inv_freq, kv_, start,
+                                                         **layer_args))
                 x, kv = call(layer, x, kv)
             else:
-                x, kv = layer(x, positions, mask, inv_freq, kv, start)
+                x, kv = layer(x, positions, vis, inv_freq, kv, start, **layer_args)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
@@ -143,9 +167,10 @@ class Decoder(nnx.Module):
     """Causal LM. Parameters in `param_dtype`, matmuls in `dtype`, logits always float32."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False):
+                 param_dtype=jnp.float32, remat: bool = False, attention: str = "auto"):
         self.config = cfg
-        self.model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        self.model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat,
+                                 attention=attention)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
                                use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
@@ -165,7 +190,7 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        hidden, _ = self.model(tokens, positions, causal_padding_mask(attention_mask))
+        hidden, _ = self.model(tokens, positions, Visibility.for_sequences(attention_mask))
         return hidden
 
     def __call__(self, tokens, attention_mask=None, positions=None) -> jax.Array:
@@ -177,10 +202,12 @@ class Decoder(nnx.Module):
         return self.logits(self.hidden_states(tokens, attention_mask, positions))
 
     def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+        """An empty cache in the layout of the model's attention policy."""
         cfg = self.config
         return KVCache.create(num_layers=cfg.num_layers, batch=batch, capacity=capacity,
                               num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                              dtype=dtype or self.model.dtype)
+                              dtype=dtype or self.model.dtype,
+                              layout=attention.policy(self.model.attention).layout)
 
     def extend(self, tokens, token_mask, cache: KVCache):
         """Append a chunk to every row's cache and return its logits.
@@ -199,18 +226,20 @@ class Decoder(nnx.Module):
         start = cache.length
         positions = chunk_positions(cache.valid, token_mask)
         valid = write_rows(cache.valid, token_mask.astype(bool), start)
-        mask = chunk_attention_mask(valid, start, tokens.shape[1])
-        hidden, (keys, values) = self.model(tokens, positions, mask, cache, start)
-        return hidden, KVCache(keys=keys, values=values, valid=valid, length=start + chunk_extent(token_mask))
+        vis = Visibility.for_chunk(valid, start, tokens.shape[1])
+        hidden, (keys, values) = self.model(tokens, positions, vis, cache, start)
+        return hidden, cache.replace(keys=keys, values=values, valid=valid,
+                                     length=start + chunk_extent(token_mask))
 
 
 class ValueModel(nnx.Module):
     """The decoder trunk with a scalar head: tokens → values float32 [B, T]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False):
+                 param_dtype=jnp.float32, remat: bool = False, attention: str = "auto"):
         self.config = cfg
-        self.model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        self.model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat,
+                                 attention=attention)
         self.value_head = Linear(cfg.hidden_size, 1, axes=("embed", "scalar"), use_bias=True,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -222,7 +251,8 @@ class ValueModel(nnx.Module):
         param_dtype = param_dtype or jax.tree.leaves(trunk_state)[0].dtype
         critic = nnx.eval_shape(lambda: cls(decoder.config, rngs=nnx.Rngs(0), remat=remat,
                                             dtype=dtype or decoder.model.dtype,
-                                            param_dtype=param_dtype))
+                                            param_dtype=param_dtype,
+                                            attention=decoder.model.attention))
         head = Linear(decoder.config.hidden_size, 1, axes=("embed", "scalar"), use_bias=True,
                       dtype=dtype or decoder.model.dtype, param_dtype=param_dtype, rngs=rngs)
         # Copies, not aliases: the policy's buffers may be donated by its own update step.
@@ -236,5 +266,5 @@ class ValueModel(nnx.Module):
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        hidden, _ = self.model(tokens, positions, causal_padding_mask(attention_mask))
+        hidden, _ = self.model(tokens, positions, Visibility.for_sequences(attention_mask))
         return self.value_head(hidden)[..., 0].astype(jnp.float32)

@@ -85,14 +85,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 # On CPU the float32 scores of a whole batch ([B, H, T, S]) are far larger than the caches,
 # and masking and softmax make several passes over them at DRAM speed; computed a few rows
-# at a time they stay in cache (a chunk of 128 queries over 2048 slots: ~4x faster). GPUs
-# and TPUs fuse the batched form well, so it stays one call there.
+# at a time they stay in cache (a chunk of 128 queries over 2048 slots: ~4x faster).
+# GPUs and TPUs use fused kernels instead (models/attention.py chooses).
 CPU_SCORE_BLOCK_BYTES = 4 << 20
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            extent: jax.Array | None = None) -> jax.Array:
-    """Grouped-query attention.
+    """Grouped-query attention, the CPU path ("cpu" in models/attention.py).
 
     q: [B, T, H, D]; k: [B, KVH, D, S] and v: [B, KVH, S, D] (the cache's layouts, see
     kv_cache) with H a multiple of KVH;
@@ -102,8 +102,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     Returns [B, T, H, D]. Scores and softmax are float32.
     """
     b, t, h, _ = q.shape
-    if jax.default_backend() != "cpu":
-        return _attend_all(q, k, v, mask)
     # The batch may be sharded over the devices (CPU devices when a host is split into one
     # per core); a block of a multiple of that many rows stays split over them, where a
     # smaller one would be gathered onto every device. Inside a shard_map (the rollout

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from searchr1_jax.models.kv_cache import KVCache
+from searchr1_jax.models.kv_cache import VALUE_AXES, KVCache, key_axes
 from searchr1_jax.parallel.rules import Fallback, Rules, logical_to_spec
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,8 @@ def shard_batch(tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules,
                     fallbacks: list[Fallback] | None = None) -> KVCache:
-    """A KVCache of NamedShardings: keys [B, KVH, D, S] and values [B, KVH, S, D] over batch
-    and kv heads, valid [B, S] and length [B] over batch."""
+    """A KVCache of NamedShardings: keys and values (in the cache's layout) over batch and
+    kv heads, valid [B, S] and length [B] over batch."""
     def spec_of(axes: tuple[str, ...], name: str) -> Callable[[jax.Array], NamedSharding]:
         def one(x):
             return NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh, path=name,
@@ -175,11 +175,12 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules,
                                                        fallbacks=fallbacks))
         return one
 
-    key = spec_of(("batch", "act_kv_heads", "head_dim", "length"), "kv_cache")
-    value = spec_of(("batch", "act_kv_heads", "length", "head_dim"), "kv_cache")
+    key = spec_of(key_axes(cache.layout), "kv_cache")
+    value = spec_of(VALUE_AXES, "kv_cache")
     return KVCache(keys=tuple(map(key, cache.keys)), values=tuple(map(value, cache.values)),
                    valid=spec_of(("batch", "length"), "kv_cache/valid")(cache.valid),
-                   length=spec_of(("batch",), "kv_cache/length")(cache.length))
+                   length=spec_of(("batch",), "kv_cache/length")(cache.length),
+                   layout=cache.layout)
 
 
 def logits_sharding(mesh: Mesh, rules: Rules, shape: tuple[int, int, int]) -> NamedSharding:

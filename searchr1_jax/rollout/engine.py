@@ -86,33 +86,21 @@ def chunk_width(n: int) -> int:
 
 def slot_window(state: RolloutState, width: int) -> RolloutState:
     """The state restricted to slots [0, width) (next_logits and lengths unchanged)."""
-    cache = state.cache
     return RolloutState(
-        cache=KVCache(keys=tuple(k[..., :width] for k in cache.keys),
-                      values=tuple(v[:, :, :width] for v in cache.values),
-                      valid=cache.valid[:, :width], length=cache.length),
-        next_logits=state.next_logits, tokens=state.tokens[:, :width],
-        logprobs=state.logprobs[:, :width], policy=state.policy[:, :width])
+        cache=state.cache.window(width), next_logits=state.next_logits,
+        tokens=state.tokens[:, :width], logprobs=state.logprobs[:, :width],
+        policy=state.policy[:, :width])
 
 
 def merge_window(full: RolloutState, part: RolloutState) -> RolloutState:
     """`full` with its first slots, next_logits and lengths replaced by those of `part`."""
-    def put(whole, piece, axis=1):
-        return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=axis)
+    def put(whole, piece):
+        return jax.lax.dynamic_update_slice_in_dim(whole, piece, 0, axis=1)
 
-    def put_keys(whole, piece):  # [R, KVH, D, S]
-        return put(whole, piece, axis=3)
-
-    def put_values(whole, piece):  # [R, KVH, S, D]
-        return put(whole, piece, axis=2)
-
-    cache, new = full.cache, part.cache
     return RolloutState(
-        cache=KVCache(keys=tuple(map(put_keys, cache.keys, new.keys)),
-                      values=tuple(map(put_values, cache.values, new.values)),
-                      valid=put(cache.valid, new.valid), length=new.length),
-        next_logits=part.next_logits, tokens=put(full.tokens, part.tokens),
-        logprobs=put(full.logprobs, part.logprobs), policy=put(full.policy, part.policy))
+        cache=full.cache.merge_window(part.cache), next_logits=part.next_logits,
+        tokens=put(full.tokens, part.tokens), logprobs=put(full.logprobs, part.logprobs),
+        policy=put(full.policy, part.policy))
 
 
 @flax.struct.dataclass
