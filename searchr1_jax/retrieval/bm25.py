@@ -103,8 +103,9 @@ class TermIds:
 
 
 def passage_text(passage: Passage) -> str:
-    """The text BM25 indexes for a passage: its title and its text."""
-    return f"{passage.title}\n{passage.text}"
+    """The text BM25 indexes for a passage: its stored ``contents`` (title line and text), as
+    Pyserini indexes wiki-18's ``contents`` field."""
+    return passage.contents
 
 
 def count_pairs(term_ids: np.ndarray, doc_lengths: np.ndarray, first_doc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -5,10 +5,14 @@ An index directory (BM25, dense or Lucene) holds
 - ``meta.json``: ``{"method": "bm25"|"dense"|"lucene", "num_passages": int, "corpus": str,
   "created": ISO-8601 UTC time, ...method-specific fields}``; write it with
   :func:`write_meta`, read it with :func:`read_meta`.
-- ``docstore.arrow`` (BM25 and dense): the passages in corpus order as an uncompressed Arrow
-  IPC file with string columns ``id``, ``title``, ``text``. Row ``i`` is the passage that the
-  index calls document ``i``. The file is memory-mapped on open, so wiki-18 (21M passages,
-  ~14 GB) costs page cache rather than process memory, and a look-up is a few microseconds.
+- the passage store (BM25 and dense): the passages in corpus order as uncompressed Arrow IPC
+  with string columns ``id`` and ``contents`` (the corpus line's ``contents`` byte for
+  byte; ``"title"\\ntext`` for ``{id, title, text}`` corpora), either one file
+  ``docstore.arrow`` or the numbered parts ``docstore/part-NNNNN.arrow`` of a sharded build,
+  read in order. Row ``i`` is the passage that the index calls document ``i``. Files are
+  memory-mapped on open, so wiki-18 (21M passages, ~14 GB) costs page cache rather than
+  process memory, and a look-up is a few microseconds. Stores written before ``contents``
+  was kept verbatim (columns ``id``, ``title``, ``text``) are still read.
 
 Use::
 
@@ -36,29 +40,54 @@ import pyarrow.ipc as ipc
 from searchr1_jax.retrieval.types import Passage
 
 DOCSTORE_FILE = "docstore.arrow"
+DOCSTORE_PARTS_DIR = "docstore"
 META_FILE = "meta.json"
 METHODS = ("bm25", "dense", "lucene")
-_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+_SCHEMA = pa.schema([("id", pa.string()), ("contents", pa.string())])
+_OLD_SCHEMA_NAMES = ["id", "title", "text"]
 _ROWS_PER_BATCH = 65536
+
+
+def write_passages(passages: Iterable[Passage], path: str | os.PathLike) -> int:
+    """Write `passages` (in order) as one passage-store file at `path`; returns how many."""
+    count = 0
+    columns: tuple[list[str], list[str]] = ([], [])
+    with ipc.new_file(os.fspath(path), _SCHEMA) as writer:
+        for passage in passages:
+            columns[0].append(passage.id)
+            columns[1].append(passage.contents)
+            count += 1
+            if len(columns[0]) == _ROWS_PER_BATCH:
+                writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=_SCHEMA))
+                columns = ([], [])
+        if columns[0] or count == 0:
+            writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=_SCHEMA))
+    return count
 
 
 def write_docstore(passages: Iterable[Passage], out_dir: str | os.PathLike) -> int:
     """Write `passages` (in order) to ``out_dir/docstore.arrow``; returns how many were written."""
     os.makedirs(out_dir, exist_ok=True)
-    count = 0
-    columns: tuple[list[str], list[str], list[str]] = ([], [], [])
-    with ipc.new_file(os.path.join(out_dir, DOCSTORE_FILE), _SCHEMA) as writer:
-        for passage in passages:
-            columns[0].append(passage.id)
-            columns[1].append(passage.title)
-            columns[2].append(passage.text)
-            count += 1
-            if len(columns[0]) == _ROWS_PER_BATCH:
-                writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=_SCHEMA))
-                columns = ([], [], [])
-        if columns[0] or count == 0:
-            writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=_SCHEMA))
-    return count
+    return write_passages(passages, os.path.join(out_dir, DOCSTORE_FILE))
+
+
+def part_path(out_dir: str | os.PathLike, number: int) -> str:
+    """Where part `number` of a sharded passage store lives inside index directory `out_dir`."""
+    return os.path.join(os.fspath(out_dir), DOCSTORE_PARTS_DIR, f"part-{number:05d}.arrow")
+
+
+def _store_files(index_dir: str) -> list[str]:
+    single = os.path.join(index_dir, DOCSTORE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    parts_dir = os.path.join(index_dir, DOCSTORE_PARTS_DIR)
+    parts = sorted(n for n in os.listdir(parts_dir) if n.startswith("part-") and n.endswith(".arrow")) if os.path.isdir(parts_dir) else []
+    if not parts:
+        raise FileNotFoundError(
+            f"passage store not found: neither {single} nor {parts_dir}/part-*.arrow "
+            "(build the index with searchr1_jax.retrieval.build_index)"
+        )
+    return [os.path.join(parts_dir, n) for n in parts]
 
 
 class DocStore:
@@ -66,35 +95,41 @@ class DocStore:
 
     def __init__(self, path: str, batches: list[pa.RecordBatch]):
         self.path = path
-        self._columns = [(b.column(0), b.column(1), b.column(2)) for b in batches]
+        self._columns = [(b.column(0), b.column(1)) if b.num_columns == 2 else (b.column(0), b.column(1), b.column(2)) for b in batches]
         self._starts = [0]
         for batch in batches:
             self._starts.append(self._starts[-1] + batch.num_rows)
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike) -> "DocStore":
-        path = os.path.join(os.fspath(index_dir), DOCSTORE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"passage store not found: {path} (build the index with searchr1_jax.retrieval.build_index)")
-        try:
-            reader = ipc.open_file(pa.memory_map(path))
-        except pa.ArrowInvalid as err:
-            raise ValueError(f"{path}: not a valid passage store ({err})") from None
-        if reader.schema.names != _SCHEMA.names:
-            raise ValueError(f"{path}: expected columns {_SCHEMA.names}, found {reader.schema.names}")
-        return cls(path, [reader.get_batch(i) for i in range(reader.num_record_batches)])
+        batches = []
+        files = _store_files(os.fspath(index_dir))
+        for path in files:
+            try:
+                reader = ipc.open_file(pa.memory_map(path))
+            except pa.ArrowInvalid as err:
+                raise ValueError(f"{path}: not a valid passage store ({err})") from None
+            if reader.schema.names not in (_SCHEMA.names, _OLD_SCHEMA_NAMES):
+                raise ValueError(f"{path}: expected columns {_SCHEMA.names}, found {reader.schema.names}")
+            batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        return cls(files[0] if len(files) == 1 else os.path.dirname(files[0]), batches)
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    @staticmethod
+    def _row(columns: tuple, row: int, score: float) -> Passage:
+        if len(columns) == 2:
+            return Passage.from_contents(columns[0][row].as_py(), columns[1][row].as_py(), float(score))
+        ids, titles, texts = columns
+        return Passage(id=ids[row].as_py(), title=titles[row].as_py(), text=texts[row].as_py(), score=float(score))
 
     def passage(self, index: int, score: float = 0.0) -> Passage:
         """Passage number `index` (0-based corpus order) carrying `score`."""
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: passage {index} out of range [0, {len(self)})")
         chunk = bisect.bisect_right(self._starts, index) - 1
-        row = index - self._starts[chunk]
-        ids, titles, texts = self._columns[chunk]
-        return Passage(id=ids[row].as_py(), title=titles[row].as_py(), text=texts[row].as_py(), score=float(score))
+        return self._row(self._columns[chunk], index - self._starts[chunk], score)
 
     def passages(self, indices: Sequence[int], scores: Sequence[float] | None = None) -> list[Passage]:
         """Passages for `indices`, each carrying the matching entry of `scores` (0.0 if None)."""
@@ -103,9 +138,13 @@ class DocStore:
         return [self.passage(int(i), s) for i, s in zip(indices, scores, strict=True)]
 
     def __iter__(self) -> Iterator[Passage]:
-        for ids, titles, texts in self._columns:
-            for pid, title, text in zip(ids.to_pylist(), titles.to_pylist(), texts.to_pylist()):
-                yield Passage(id=pid, title=title, text=text)
+        for columns in self._columns:
+            if len(columns) == 2:
+                for pid, contents in zip(columns[0].to_pylist(), columns[1].to_pylist()):
+                    yield Passage.from_contents(pid, contents)
+            else:
+                for pid, title, text in zip(*(c.to_pylist() for c in columns)):
+                    yield Passage(id=pid, title=title, text=text)
 
 
 def write_meta(out_dir: str | os.PathLike, method: str, num_passages: int, corpus: str | os.PathLike, **fields) -> dict:
