@@ -209,3 +209,51 @@ def staged_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
+
+
+def check_build_settings(staging: str, settings: dict, path_name: str = "build.json") -> dict:
+    """Record `settings` in a new staging dir, or check that an interrupted build used the same.
+
+    Returns what the staging dir holds (the recorded settings, which may carry more keys than
+    `settings`, e.g. choices made on the first run that a resumed run must reuse).
+    """
+    path = os.path.join(staging, path_name)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        diffs = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if diffs:
+            detail = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+            raise ValueError(f"{staging} holds an interrupted build with different settings ({detail}); delete it to start over")
+        return previous
+    os.makedirs(staging, exist_ok=True)
+    write_json_atomically(path, settings)
+    return dict(settings)
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Write `value` as JSON to `path` so that `path` only ever holds a complete file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def is_nonempty(path: str) -> bool:
+    return os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
+
+
+def publish(staging: str, out: str, overwrite: bool) -> None:
+    """Rename a finished staging directory to `out`, replacing a non-empty `out` only if `overwrite`."""
+    if not is_nonempty(out):
+        os.replace(staging, out)  # rename(2) also replaces an empty directory
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    # Directories cannot be swapped in one rename: retire the old index first; a crash between
+    # the two renames leaves it complete under the retired name.
+    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.replace(out, os.path.join(retired, "index"))
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
