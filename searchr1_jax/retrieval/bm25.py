@@ -125,10 +125,16 @@ def count_pairs(term_ids: np.ndarray, doc_lengths: np.ndarray, first_doc: int) -
     (int [n]) how many belong to each passage; passages are numbered from `first_doc`.
     Returns ``(terms int32 [P], docs int32 [P], tf int32 [P])`` sorted by term, then passage.
     """
-    docs = np.repeat(np.arange(first_doc, first_doc + len(doc_lengths), dtype=np.int64), doc_lengths)
-    keys = term_ids.astype(np.int64) << 32 | docs
-    keys, tf = np.unique(keys, return_counts=True)
-    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32), tf.astype(np.int32)
+    keys = np.repeat(np.arange(first_doc, first_doc + len(doc_lengths), dtype=np.int64), doc_lengths)
+    keys |= term_ids.astype(np.int64) << 32
+    keys.sort()  # in place: about 17 bytes per token at the peak, where np.unique needs ~40
+    if not len(keys):
+        empty = np.zeros(0, np.int32)
+        return empty, empty, empty
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    tf = np.diff(np.append(starts, len(keys))).astype(np.int32)
+    keys = keys[starts]
+    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32), tf
 
 
 def build_bm25_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> dict:
