@@ -310,7 +310,7 @@ class DenseRetriever:
         index_dir: str | os.PathLike,
         *,
         encoder_dir: str | os.PathLike | None = None,
-        batch_size: int = 64,
+        batch_size: int = 256,
         nprobe: int | None = None,
         ef_search: int | None = None,
         use_gpu: bool = True,
@@ -320,7 +320,9 @@ class DenseRetriever:
 
         encoder_dir overrides the encoder path recorded in meta.json (e.g. after moving it);
         the recorded pooling, prefixes and max length are always used so queries are embedded
-        like the passages were. nprobe (IVF, default 64) and ef_search (HNSW, default 128)
+        like the passages were. Queries are embedded `batch_size` at a time by one jitted
+        program per (rows, length) bucket, on the accelerator when JAX has one (e5-base on
+        this 2-core CPU: see benchmarks/README.md, "Dense query encoding"). nprobe (IVF, default 64) and ef_search (HNSW, default 128)
         trade speed for recall.
         """
         index_dir = os.path.abspath(os.fspath(index_dir))

@@ -10,8 +10,8 @@ An index directory (BM25, dense or Lucene) holds
   byte; ``"title"\\ntext`` for ``{id, title, text}`` corpora), either one file
   ``docstore.arrow`` or the numbered parts ``docstore/part-NNNNN.arrow`` of a sharded build,
   read in order. Row ``i`` is the passage that the index calls document ``i``. Files are
-  memory-mapped on open, so wiki-18 (21M passages, ~14 GB) costs page cache rather than
-  process memory, and a look-up is a few microseconds. Stores written before ``contents``
+  memory-mapped on open (read-ahead off), so wiki-18 (21M passages, ~14 GB) costs page
+  cache rather than process memory, and a look-up is a few microseconds. Stores written before ``contents``
   was kept verbatim (columns ``id``, ``title``, ``text``) are still read.
 
 Use::
@@ -29,11 +29,13 @@ import bisect
 import contextlib
 import datetime
 import json
+import mmap
 import os
 import shutil
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -76,6 +78,17 @@ def part_path(out_dir: str | os.PathLike, number: int) -> str:
     return os.path.join(os.fspath(out_dir), DOCSTORE_PARTS_DIR, f"part-{number:05d}.arrow")
 
 
+def _map_random(path: str) -> mmap.mmap:
+    """`path` memory-mapped read-only, with read-ahead off: look-ups are random, and the
+    kernel's default read-ahead (~128 KiB a fault) would page in the whole store within a
+    few thousand look-ups, inflating the server's RSS with pages it never reads."""
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return mapped
+
+
 def _store_files(index_dir: str) -> list[str]:
     single = os.path.join(index_dir, DOCSTORE_FILE)
     if os.path.isfile(single):
@@ -90,29 +103,63 @@ def _store_files(index_dir: str) -> list[str]:
     return [os.path.join(parts_dir, n) for n in parts]
 
 
-class DocStore:
-    """Read-only, memory-mapped random access to the passages of an index directory."""
+class _Contents:
+    """The `contents` column of one record batch, read with pread(2) instead of the mapping.
 
-    def __init__(self, path: str, batches: list[pa.RecordBatch]):
+    Faulting in mapped pages also maps their neighbours already in the page cache (fault-
+    around, large folios), so a few thousand random look-ups through a mapping put the
+    whole store into the server's RSS. The offsets stay mapped (4 bytes a row); each
+    passage's bytes are read from the file at their position. Falls back to Arrow's own
+    access if the buffer does not lie inside the mapping (never the case for our files).
+    """
+
+    def __init__(self, column: pa.StringArray, handle, base: int, size: int):
+        self.column = column
+        buffers = column.buffers()
+        self.offsets = np.frombuffer(buffers[1], np.int32, count=len(column) + 1, offset=4 * column.offset) if len(column) else None
+        data = buffers[2]
+        self.position = data.address - base if data is not None and base <= data.address < base + size else None
+        self.handle = handle
+
+    def __getitem__(self, row: int) -> str:
+        if self.position is None or self.offsets is None:
+            return self.column[row].as_py()
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        return os.pread(self.handle.fileno(), end - start, self.position + start).decode("utf-8")
+
+
+class DocStore:
+    """Read-only random access to the passages of an index directory: memory-mapped
+    metadata and ids, passage text read on demand (see `_Contents`)."""
+
+    def __init__(self, path: str, columns: list[tuple]):
         self.path = path
-        self._columns = [(b.column(0), b.column(1)) if b.num_columns == 2 else (b.column(0), b.column(1), b.column(2)) for b in batches]
+        self._columns = columns  # per batch: (ids, _Contents) or, old stores, (ids, titles, texts)
         self._starts = [0]
-        for batch in batches:
-            self._starts.append(self._starts[-1] + batch.num_rows)
+        for batch in columns:
+            self._starts.append(self._starts[-1] + len(batch[0]))
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike) -> "DocStore":
-        batches = []
+        columns: list[tuple] = []
         files = _store_files(os.fspath(index_dir))
         for path in files:
             try:
-                reader = ipc.open_file(pa.memory_map(path))
-            except pa.ArrowInvalid as err:
+                mapped = _map_random(path)
+                reader = ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
+            except (pa.ArrowInvalid, ValueError) as err:
                 raise ValueError(f"{path}: not a valid passage store ({err})") from None
             if reader.schema.names not in (_SCHEMA.names, _OLD_SCHEMA_NAMES):
                 raise ValueError(f"{path}: expected columns {_SCHEMA.names}, found {reader.schema.names}")
-            batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        return cls(files[0] if len(files) == 1 else os.path.dirname(files[0]), batches)
+            handle = open(path, "rb")
+            base = np.frombuffer(mapped, np.uint8).ctypes.data
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                if batch.num_columns == 2:
+                    columns.append((batch.column(0), _Contents(batch.column(1), handle, base, len(mapped))))
+                else:
+                    columns.append((batch.column(0), batch.column(1), batch.column(2)))
+        return cls(files[0] if len(files) == 1 else os.path.dirname(files[0]), columns)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -120,7 +167,7 @@ class DocStore:
     @staticmethod
     def _row(columns: tuple, row: int, score: float) -> Passage:
         if len(columns) == 2:
-            return Passage.from_contents(columns[0][row].as_py(), columns[1][row].as_py(), float(score))
+            return Passage.from_contents(columns[0][row].as_py(), columns[1][row], float(score))
         ids, titles, texts = columns
         return Passage(id=ids[row].as_py(), title=titles[row].as_py(), text=texts[row].as_py(), score=float(score))
 
@@ -140,7 +187,7 @@ class DocStore:
     def __iter__(self) -> Iterator[Passage]:
         for columns in self._columns:
             if len(columns) == 2:
-                for pid, contents in zip(columns[0].to_pylist(), columns[1].to_pylist()):
+                for pid, contents in zip(columns[0].to_pylist(), columns[1].column.to_pylist()):
                     yield Passage.from_contents(pid, contents)
             else:
                 for pid, title, text in zip(*(c.to_pylist() for c in columns)):
