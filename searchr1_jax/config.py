@@ -30,7 +30,7 @@ CHOICES: dict[str, tuple] = {
     "model.param_dtype": DTYPES,
     "model.compute_dtype": DTYPES,
     "model.attention": ATTENTION_POLICIES,
-    "data.template": ("base", "chat"),
+    "data.template": ("auto", "base", "chat"),
     "mesh.preset": ("fsdp", "fsdp_tensor", "data"),
     "demo.size": ("full", "small", "reduced"),
 }
@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # comma-separated parquet paths
     c.data.val_files = ""
-    c.data.template = "base"  # "chat" applies the tokenizer's chat template
+    # "auto": the tokenizer's chat template when it has one, else the raw text (the original's
+    # rule; Qwen2.5 base tokenizers have one); "base" / "chat" force one (data.prompts).
+    c.data.template = "auto"
     c.data.shuffle = True
 
     c.retriever = ml_collections.ConfigDict()

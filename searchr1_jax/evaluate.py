@@ -22,15 +22,14 @@ log = logging.getLogger("searchr1_jax.evaluate")
 
 
 def encode_prompts(examples: Sequence, tokenizer, template: str, max_prompt_tokens: int) -> list[tuple]:
-    """(example, prompt token ids) pairs; prompts longer than `max_prompt_tokens` are dropped
-    with a logged count. Base prompts get the tokenizer's special tokens (e.g. Llama's BOS);
-    chat prompts already carry them from the template."""
-    from searchr1_jax.data import render_prompt
+    """(example, prompt token ids) pairs, rendered by `data.encode_prompt` (template "auto":
+    the tokenizer's chat template when it has one, else the raw text); prompts longer than
+    `max_prompt_tokens` are dropped with a logged count."""
+    from searchr1_jax.data import encode_prompt
 
     kept, dropped = [], 0
     for ex in examples:
-        text = render_prompt(ex.prompt, template, tokenizer)
-        ids = tokenizer(text, add_special_tokens=template == "base")["input_ids"]
+        ids = encode_prompt(ex.prompt, template, tokenizer)
         if len(ids) > max_prompt_tokens:
             dropped += 1
             continue
@@ -108,7 +107,9 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=500, help="per turn")
     parser.add_argument("--max-obs-tokens", type=int, default=500)
     parser.add_argument("--max-prompt-tokens", type=int, default=2048)
-    parser.add_argument("--template", choices=("base", "chat"), default="base")
+    parser.add_argument("--template", choices=("auto", "base", "chat"), default="auto",
+                        help="prompt rendering: auto (default, as the original) = the tokenizer's chat "
+                             "template when it has one, else the raw text; base / chat force one")
 
 
 def greedy_driver(model, tokenizer, args):

@@ -83,7 +83,7 @@ def stream_episode(driver, question: str, ids: list[int], retriever, key=None, o
 
 
 def main(argv=None):
-    from searchr1_jax.data import base_prompt, chat_messages, render_prompt
+    from searchr1_jax.data import chat_messages, encode_prompt
     from searchr1_jax.models import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,11 +96,10 @@ def main(argv=None):
         retriever = make_retriever(args.index, args.retriever_url)
         model, tokenizer_dir = load_policy_any(args.model)
     tokenizer = load_tokenizer(tokenizer_dir)
-    if args.template == "chat":
-        text = render_prompt(chat_messages(args.question), "chat", tokenizer)
-    else:
-        text = base_prompt(args.question)
-    ids = tokenizer(text, add_special_tokens=args.template == "base")["input_ids"]
+    try:
+        ids = encode_prompt(chat_messages(args.question), args.template, tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if len(ids) > args.max_prompt_tokens:
         raise SystemExit(f"error: the prompt has {len(ids)} tokens, more than --max-prompt-tokens "
                          f"(max_prompt_tokens = {args.max_prompt_tokens})")

@@ -7,7 +7,7 @@ separately and concatenated, exactly as a rollout builds its sequence, so the wa
 model sees at training time the token boundaries it will see when sampling.
 
     python -m searchr1_jax.sft --model HF_DIR --data sft.jsonl --out OUT_DIR \
-        [--steps 300 --lr 3e-3 --batch-size 32 --max-len 512 --template base|chat]
+        [--steps 300 --lr 3e-3 --batch-size 32 --max-len 512 --template auto|base|chat]
 """
 from __future__ import annotations
 
@@ -58,12 +58,12 @@ def read_trajectories(path: str | Path) -> list[dict]:
     return rows
 
 
-def tokenize_trajectory(row: dict, tokenizer, template: str = "base") -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one trajectory: mask 1 exactly on policy tokens."""
-    from searchr1_jax.data import render_prompt
+def tokenize_trajectory(row: dict, tokenizer, template: str = "auto") -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of one trajectory: mask 1 exactly on policy tokens. The prompt is
+    rendered by `data.encode_prompt` (template "auto": chat template when the tokenizer has one)."""
+    from searchr1_jax.data import encode_prompt
 
-    prompt = render_prompt([{"role": "user", "content": row["prompt"]}], template, tokenizer)
-    ids = list(tokenizer(prompt, add_special_tokens=template == "base")["input_ids"])
+    ids = encode_prompt([{"role": "user", "content": row["prompt"]}], template, tokenizer)
     mask = [0] * len(ids)
     for seg in row["segments"]:
         seg_ids = tokenizer(seg["text"], add_special_tokens=False)["input_ids"]
@@ -123,7 +123,7 @@ def make_sft_step(graphdef, tx):
 
 
 def run_sft(model, tokenizer, rows: Sequence[dict], *, steps: int, lr: float, batch_size: int,
-            max_len: int, seed: int = 0, template: str = "base", show_progress: bool = True):
+            max_len: int, seed: int = 0, template: str = "auto", show_progress: bool = True):
     """Train `model` (a Decoder) in place on `rows`; returns the per-step losses.
 
     Batches of `batch_size` trajectories are drawn without replacement, epoch after epoch, in
@@ -172,7 +172,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--template", choices=("base", "chat"), default="base")
+    parser.add_argument("--template", choices=("auto", "base", "chat"), default="auto",
+                        help="prompt rendering: auto (default) = chat template when the tokenizer has one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quiet_logs()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from searchr1_jax.retrieval import bm25
-from searchr1_jax.retrieval.bm25 import Analyzer, Bm25Retriever, TermIds, bm25_csc, build_bm25_index, count_pairs, passage_text
+from searchr1_jax.retrieval.bm25 import Analyzer, Bm25Retriever, TermIds, build_bm25_index, passage_text
 from searchr1_jax.retrieval.corpus import CorpusError, iter_passages
 from searchr1_jax.retrieval.docstore import read_meta
 
@@ -87,7 +87,9 @@ def test_edge_cases(tiny_index):
     assert meta["method"] == "bm25" and meta["num_passages"] == 3 and meta["k1"] == K1 and meta["b"] == B
 
 
-def test_weights_match_bm25s_index(random_corpus):
+@pytest.mark.parametrize("shard_lines", [None, 70])  # one shard; five shards (300 lines)
+def test_weights_match_bm25s_index(random_corpus, tmp_path, shard_lines):
+    """The streaming sharded build writes, term for term, the matrix bm25s' own indexer makes."""
     import bm25s
 
     corpus, _, _ = random_corpus
@@ -98,14 +100,20 @@ def test_weights_match_bm25s_index(random_corpus):
     reference = bm25s.BM25(k1=K1, b=B, method="lucene")
     reference.index((docs, vocab), create_empty_token=False, show_progress=False)
 
-    lengths = np.array([len(d) for d in docs])
-    flat = np.array([t for d in docs for t in d], np.int32)
-    split = int(lengths[:100].sum())  # two chunks, as the streaming build makes them
-    first, second = count_pairs(flat[:split], lengths[:100], 0), count_pairs(flat[split:], lengths[100:], 100)
-    data, indices, indptr = bm25_csc(*(np.concatenate(c) for c in zip(first, second)), lengths, len(vocab), K1, B)
-    np.testing.assert_array_equal(indptr, reference.scores["indptr"])
-    np.testing.assert_array_equal(indices, reference.scores["indices"])
-    np.testing.assert_allclose(data, reference.scores["data"], rtol=1e-6)
+    meta = build_bm25_index(corpus, tmp_path / "index", shard_lines=shard_lines, show_progress=False)
+    assert meta["shards"] == (1 if shard_lines is None else 5)
+    ours = bm25s.BM25.load(tmp_path / "index" / "bm25s", mmap=True)  # bm25s reads our files
+    assert set(ours.vocab_dict) == set(vocab)
+    assert ours.vocab_dict[""] == 0 and sorted(ours.vocab_dict, key=ours.vocab_dict.get) == sorted(vocab)
+    ref, got = reference.scores, ours.scores
+    term_max = np.load(tmp_path / "index" / "term_max.npy")
+    for term, ref_id in vocab.items():
+        our_id = ours.vocab_dict[term]
+        ref_slice = slice(ref["indptr"][ref_id], ref["indptr"][ref_id + 1])
+        our_slice = slice(got["indptr"][our_id], got["indptr"][our_id + 1])
+        np.testing.assert_array_equal(got["indices"][our_slice], ref["indices"][ref_slice])
+        np.testing.assert_allclose(got["data"][our_slice], ref["data"][ref_slice], rtol=1e-6)
+        assert term_max[our_id] == (got["data"][our_slice].max() if our_slice.stop > our_slice.start else 0.0)
 
 
 def reference_topk(corpus, queries, k):

@@ -30,8 +30,8 @@ def test_both_schemas_stream_in_order(tmp_path):
     assert passages == [
         Passage("a", "Paris", "Paris is the capital.\nSecond line.", 0.0),
         Passage("7", "Berlin", "Berlin is big.", 0.0),
-        Passage("c", "", "no title line", 0.0),
-        Passage("d", "Unquoted", "text", 0.0),
+        Passage("c", "", "no title line", 0.0, contents="no title line"),  # stored contents kept as is
+        Passage("d", "Unquoted", "text", 0.0, contents="Unquoted\ntext"),
     ]
     assert passages[0].contents == '"Paris"\nParis is the capital.\nSecond line.'
 

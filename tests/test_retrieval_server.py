@@ -1,6 +1,7 @@
 """The /retrieve server in-process: original JSON shapes, 4xx validation, micro-batching."""
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -90,7 +91,6 @@ def test_round_trip_original_json_shapes(retriever):
         ({"queries": "dogs"}, 422, "'queries' must be a list of strings"),
         ({"queries": ["ok", 5]}, 422, "'queries' must be a list of strings"),
         ({"queries": ["q"] * 5}, 422, "holds 5 queries; at most 4"),
-        ({"queries": ["x" * 33]}, 422, "queries[0] is 33 characters long; at most 32"),
         ({"queries": ["q"], "topk": 0}, 422, "between 1 and 10, got 0"),
         ({"queries": ["q"], "topk": 11}, 422, "between 1 and 10, got 11"),
         ({"queries": ["q"], "topk": "3"}, 422, "'topk' must be an integer or null"),
@@ -137,7 +137,31 @@ def test_health(retriever):
             return await client.get("/health")
 
     response = asyncio.run(run())
-    assert response.status_code == 200 and response.json() == {"status": "ok", "queue": 0}
+    assert response.status_code == 200 and response.json() == {"status": "ok", "queue": 0, "truncated_queries": 0}
+
+
+def test_overlong_queries_are_truncated_logged_and_counted(retriever, caplog):
+    """One query over the limit no longer fails the batch (the original's client would die on
+    the missing 'result'): it is cut to the limit, logged, counted, and every query answered."""
+    recording = Recording(retriever)
+    app = create_app(recording, max_query_chars=32)
+    long_query = "fish " + "x" * 40  # 45 characters: searched as its first 32
+    with caplog.at_level(logging.WARNING, logger="searchr1_jax.retrieval.server"):
+        (response,) = post_all(app, [{"queries": ["dogs", long_query, "x" * 33], "topk": 1}])
+    assert response.status_code == 200
+    assert recording.calls == [(["dogs", long_query[:32], "x" * 32], 1)]
+    assert response.json()["result"] == [
+        [{"id": "d1", "contents": '"Dogs"\ndog bird'}], [{"id": "d2", "contents": '"Fish"\nfish'}], [],
+    ]  # fmt: skip
+    assert "truncated 2 of 3 queries to 32 characters (queries[1, 2]: [45, 33] characters); 2 truncated so far" in caplog.text
+
+    async def health():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return (await client.get("/health")).json()
+
+    assert asyncio.run(health())["truncated_queries"] == 2
+    (exact,) = post_all(app, [{"queries": ["y" * 32]}])  # at the limit: untouched, not counted
+    assert exact.status_code == 200 and asyncio.run(health())["truncated_queries"] == 2
 
 
 def test_create_app_checks_its_limits(retriever):

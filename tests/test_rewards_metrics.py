@@ -37,7 +37,11 @@ def test_normalize_answer_rejects_non_text():
     ("<think>x</think><answer> Paris </answer>", "Paris"),
     ("<answer>London</answer> wait <answer>Paris</answer>", "Paris"),  # the last one counts
     ("<answer>Paris</answer> then <answer>Lond", "Paris"),  # an unclosed tag is not an answer
-    ("<answer>a <answer>b</answer>", "b"),  # innermost opening before the last closing
+    # The original's rule: non-greedy pairs left to right, the last complete pair wins.
+    ("<think>x</think><answer> Paris </answer>\n</answer>", "Paris"),  # a stray closing tag changes nothing
+    ("<answer>Rome</answer><answer> Paris </answer>\n</answer>\n</answer>", "Paris"),
+    ("<answer>a <answer>b</answer>", "a <answer>b"),  # the first opening starts the pair
+    ("<answer>Paris</answer> <answer>Lond</answer", "Paris"),  # an incomplete closing tag is no pair
     ("<answer></answer>", ""),
     ("<answer>\nNew\nYork\n</answer>", "New\nYork"),
     ("</answer> Paris <answer>", None),

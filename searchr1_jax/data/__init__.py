@@ -5,7 +5,8 @@ this package does not import, so that `python -m searchr1_jax.data.convert` runs
 """
 from searchr1_jax.data.flashrag import QARecord, read_flashrag_jsonl
 from searchr1_jax.data.prompts import (
-    SEARCH_R1_INSTRUCTION, TEMPLATES, base_prompt, chat_messages, render_prompt,
+    SEARCH_R1_INSTRUCTION, TEMPLATES, base_prompt, chat_messages, encode_prompt, has_chat_template,
+    render_prompt, resolve_template,
 )
 from searchr1_jax.data.schema import (
     COLUMNS, DEFAULT_ABILITY, PARQUET_SCHEMA, Example, read_examples, write_examples,
@@ -21,8 +22,11 @@ __all__ = [
     "TEMPLATES",
     "base_prompt",
     "chat_messages",
+    "encode_prompt",
+    "has_chat_template",
     "read_examples",
     "read_flashrag_jsonl",
     "render_prompt",
+    "resolve_template",
     "write_examples",
 ]

@@ -3,14 +3,16 @@
     python -m searchr1_jax.data.convert --split train --out data/ \\
         --input nq/train.jsonl --data-source nq \\
         --input hotpotqa/train.jsonl --data-source hotpotqa \\
-        [--template chat --tokenizer /models/Qwen2.5-3B-Instruct] [--skip-invalid]
+        [--tokenizer /models/Qwen2.5-3B] [--template auto|base|chat] [--skip-invalid]
 
 writes data/train.parquet holding both sources (nq rows first). Run it once per split.
 
 The stored `prompt` is always the Search-R1 user message, so the file stays usable by
-Search-R1 itself. `extra_info.prompt_text` holds the prompt rendered for the chosen template:
-the instruction as is (`base`), or the instruct model's chat template with the assistant turn
-opened (`chat`, read from the tokenizer folder).
+Search-R1 itself. `extra_info.prompt_text` holds the prompt rendered for the chosen template
+(`data.prompts.render_prompt`): the instruction as is (`base`), or the tokenizer's chat
+template with the assistant turn opened (`chat`, read from the tokenizer folder); `auto` (the
+default) is `chat` when --tokenizer has a chat template, else `base`. Training and evaluation
+render the stored `prompt` again with their own tokenizer, so this field is informational.
 """
 from __future__ import annotations
 
@@ -36,14 +38,15 @@ def convert(
     records: Sequence[QARecord],
     data_source: str,
     split: str,
-    template: str = "base",
+    template: str = "auto",
     tokenizer=None,
 ) -> list[Example]:
     """Examples of one source; `index` is the record's position in `records`.
 
     `question` holds the record's question stripped of surrounding whitespace.
 
-    `tokenizer` (a transformers tokenizer with a chat template) is needed for template "chat".
+    `tokenizer` (a transformers tokenizer with a chat template) is needed for template "chat";
+    "auto" renders with the chat template when `tokenizer` has one, else the raw text.
     """
     if not data_source.strip():
         raise ValueError("data_source is empty")
@@ -114,19 +117,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", required=True, choices=SPLITS, help="which split the inputs are")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder; SPLIT.parquet is (over)written")
-    parser.add_argument("--template", default="base", choices=TEMPLATES,
-                        help="base: the instruction as the prompt text; chat: wrapped in the "
-                             "tokenizer's chat template (instruct models). Default: base")
+    parser.add_argument("--template", default="auto", choices=TEMPLATES,
+                        help="auto (default): the --tokenizer's chat template when it has one, else the "
+                             "instruction as is; base: the instruction as is; chat: the chat template")
     parser.add_argument("--tokenizer", metavar="PATH",
-                        help="local tokenizer folder whose chat template --template chat uses")
+                        help="local tokenizer folder whose chat template --template chat/auto uses")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip invalid lines (logging how many) instead of stopping at the first")
     args = parser.parse_args(argv)
     if len(args.input) != len(args.data_source):
         parser.error(f"got {len(args.input)} --input but {len(args.data_source)} --data-source; "
                      "give one --data-source per --input, in the same order")
-    if (args.template == "chat") != (args.tokenizer is not None):
-        parser.error("--tokenizer is needed with --template chat, and only then")
+    if args.template == "chat" and args.tokenizer is None:
+        parser.error("--tokenizer is needed with --template chat")
+    if args.template == "base" and args.tokenizer is not None:
+        parser.error("--tokenizer has no use with --template base")
     return args
 
 

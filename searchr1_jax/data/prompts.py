@@ -2,8 +2,11 @@
 
 The stored prompt of an example is a chat message list with one user turn holding
 `base_prompt(question)` (the Search-R1 parquet layout). `render_prompt` turns it into the
-model's input text: for base models the user content as is, for instruct models the
-tokenizer's chat template with the assistant turn opened.
+model's input text and `encode_prompt` into its token ids, by one rule everywhere (train,
+evaluate, infer, sft), the original's: template "auto" (the default) applies the
+tokenizer's chat template with the assistant turn opened whenever the tokenizer has one
+(Qwen2.5 *base* tokenizers do), and gives the user content as is otherwise; "chat" and
+"base" force one or the other.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ SEARCH_R1_INSTRUCTION = (
     "<answer> Beijing </answer>. Question: {question}\n"
 )
 
-TEMPLATES = ("base", "chat")
+TEMPLATES = ("auto", "base", "chat")
 
 
 def base_prompt(question: str) -> str:
@@ -38,13 +41,33 @@ def chat_messages(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": base_prompt(question)}]
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether `tokenizer` (a transformers tokenizer, or None) carries a chat template."""
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_template(template: str, tokenizer=None) -> str:
+    """"base" or "chat": what `template` means for `tokenizer`.
+
+    "auto" is "chat" when the tokenizer has a chat template and "base" otherwise (the
+    original's rule); "base" and "chat" are explicit overrides.
+    """
+    if template == "auto":
+        return "chat" if has_chat_template(tokenizer) else "base"
+    if template in ("base", "chat"):
+        return template
+    raise ValueError(f"unknown prompt template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
 def render_prompt(messages: Sequence[dict[str, str]], template: str, tokenizer=None) -> str:
     """The text the model is given for a stored prompt.
 
     template "base": the content of the (single) user message, unchanged.
     template "chat": `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
     tokenize=False)`; `tokenizer` (a transformers tokenizer with a chat template) is required.
+    template "auto": "chat" if `tokenizer` has a chat template, else "base".
     """
+    template = resolve_template(template, tokenizer)
     if template == "base":
         user = [m["content"] for m in messages if m.get("role") == "user"]
         if len(user) != 1 or len(messages) != 1:
@@ -53,15 +76,22 @@ def render_prompt(messages: Sequence[dict[str, str]], template: str, tokenizer=N
                 f"{[m.get('role') for m in messages]}"
             )
         return user[0]
-    if template == "chat":
-        if tokenizer is None:
-            raise ValueError("template 'chat' needs a tokenizer (one with a chat_template)")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no "
-                "chat_template; use template 'base' for base models"
-            )
-        return tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
+    if tokenizer is None:
+        raise ValueError("template 'chat' needs a tokenizer (one with a chat_template)")
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no "
+            "chat_template; use template 'base' (or 'auto') for it"
         )
-    raise ValueError(f"unknown prompt template {template!r}; valid: {', '.join(TEMPLATES)}")
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(messages: Sequence[dict[str, str]], template: str, tokenizer) -> list[int]:
+    """Token ids of the rendered prompt (see `render_prompt`), the one path every caller uses.
+
+    Raw text gets the tokenizer's special tokens (e.g. Llama's BOS); a chat-rendered prompt
+    already carries them from the template, so none are added to it.
+    """
+    resolved = resolve_template(template, tokenizer)
+    text = render_prompt(messages, resolved, tokenizer)
+    return list(tokenizer(text, add_special_tokens=resolved == "base")["input_ids"])

@@ -19,36 +19,39 @@ Why this shape:
 - Text analysis (:class:`Analyzer`): lower-case, ``\\w\\w+`` words, English stopwords
   (bm25s' list), Snowball English stemmer (PyStemmer). Title and text are indexed together,
   as Pyserini indexes wiki-18's ``contents``.
-- The matrix is built here with NumPy from a streaming pass (:func:`bm25_csc`), not with
-  ``bm25s.BM25.index``, which holds every passage as a Python list: ours needs ~40 bytes
-  per distinct (passage, term) pair at peak and is several times faster; the result is the
-  same matrix, saved with bm25s' own ``save`` so ``bm25s.BM25.load`` reads it.
+- The matrix is built by :mod:`searchr1_jax.retrieval.bm25_build` (streaming, sharded,
+  resumable, memory bounded; wiki-18 fits a 24 GB machine), not with ``bm25s.BM25.index``,
+  which holds every passage as a Python list; the result is the same matrix, in bm25s'
+  file format so ``bm25s.BM25.load`` reads it, plus the column maxima ``term_max.npy``.
+- Serving memory-maps the matrix and the passage store; only the vocabulary (a dict) and
+  the column maxima are loaded, so RSS grows with the postings queries touch (page cache,
+  reclaimable), not with the corpus.
 - A query with no indexed term returns no passages (Lucene does the same); passages with
   score 0 are never returned.
 
 Index directory (see :mod:`searchr1_jax.retrieval.docstore`): ``meta.json`` (method "bm25"),
-``docstore.arrow``, and bm25s' files under ``bm25s/``.
+the passage store (``docstore/part-NNNNN.arrow``), bm25s' files under ``bm25s/`` and
+``term_max.npy``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
-import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from searchr1_jax.retrieval.corpus import count_lines, iter_passages
-from searchr1_jax.retrieval.docstore import DocStore, read_meta, staged_directory, write_docstore, write_meta
+from searchr1_jax.retrieval.docstore import DocStore, read_meta
 from searchr1_jax.retrieval.types import Passage
 
 BM25S_SUBDIR = "bm25s"
+TERM_MAX_FILE = "term_max.npy"  # float32 [num_terms]: each column's largest weight (MaxScore bounds)
 K1 = 0.9
 B = 0.4
 EMPTY_TERM = ""  # bm25s' term for queries with no known term; it occurs in no passage
 _WORD = re.compile(r"(?u)\b\w\w+\b")
-_PASSAGES_PER_CHUNK = 65536
 
 try:
     from numba import njit, prange
@@ -96,15 +99,23 @@ class TermIds:
         self._word_ids[word] = term_id
         return term_id
 
+    def raw_ids(self, text: str) -> list[int]:
+        """The term id of every word of `text`, -1 for stopwords (for callers that filter in bulk)."""
+        words = self.analyzer.words(text)
+        ids = list(map(self._word_ids.get, words))  # the common case, all words known, stays in C
+        if None in ids:
+            ids = [self._add(w) if i is None else i for w, i in zip(words, ids)]
+        return ids
+
     def ids(self, text: str) -> list[int]:
-        cache = self._word_ids
-        ids = [cache[w] if w in cache else self._add(w) for w in self.analyzer.words(text)]
-        return [i for i in ids if i >= 0]
+        """The term ids of `text` in order, stopwords dropped."""
+        return [i for i in self.raw_ids(text) if i >= 0]
 
 
 def passage_text(passage: Passage) -> str:
-    """The text BM25 indexes for a passage: its title and its text."""
-    return f"{passage.title}\n{passage.text}"
+    """The text BM25 indexes for a passage: its stored ``contents`` (title line and text), as
+    Pyserini indexes wiki-18's ``contents`` field."""
+    return passage.contents
 
 
 def count_pairs(term_ids: np.ndarray, doc_lengths: np.ndarray, first_doc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,120 +125,24 @@ def count_pairs(term_ids: np.ndarray, doc_lengths: np.ndarray, first_doc: int) -
     (int [n]) how many belong to each passage; passages are numbered from `first_doc`.
     Returns ``(terms int32 [P], docs int32 [P], tf int32 [P])`` sorted by term, then passage.
     """
-    docs = np.repeat(np.arange(first_doc, first_doc + len(doc_lengths), dtype=np.int64), doc_lengths)
-    keys = term_ids.astype(np.int64) << 32 | docs
-    keys, tf = np.unique(keys, return_counts=True)
-    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32), tf.astype(np.int32)
+    keys = np.repeat(np.arange(first_doc, first_doc + len(doc_lengths), dtype=np.int64), doc_lengths)
+    keys |= term_ids.astype(np.int64) << 32
+    keys.sort()  # in place: about 17 bytes per token at the peak, where np.unique needs ~40
+    if not len(keys):
+        empty = np.zeros(0, np.int32)
+        return empty, empty, empty
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    tf = np.diff(np.append(starts, len(keys))).astype(np.int32)
+    keys = keys[starts]
+    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32), tf
 
 
-def bm25_csc(
-    terms: np.ndarray, docs: np.ndarray, tf: np.ndarray, doc_lengths: np.ndarray, num_terms: int, k1: float, b: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lucene BM25 weights of (term, passage) pairs as a CSC matrix [num_passages, num_terms].
+def build_bm25_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> dict:
+    """Index a jsonl corpus with BM25 into `out_dir`: see :func:`bm25_build.build_bm25_index`
+    (streaming, sharded, resumable, memory bounded by ``memory_gb``)."""
+    from searchr1_jax.retrieval.bm25_build import build_bm25_index as build
 
-    `terms`, `docs`, `tf`: distinct pairs and their counts, sorted by passage within each
-    term (the concatenated outputs of :func:`count_pairs`); `doc_lengths` (int [N]): terms
-    per passage. Returns ``(data float32 [P], indices int32 [P], indptr int64 [num_terms+1])``:
-    the weights of term ``t`` for passages ``indices[indptr[t]:indptr[t+1]]``.
-    """
-    num_docs = len(doc_lengths)
-    df = np.bincount(terms, minlength=num_terms)
-    idf = np.log1p((num_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
-    avg_length = doc_lengths.mean() if num_docs else 0.0
-    norm = (k1 * (1.0 - b + b * doc_lengths / avg_length) if avg_length > 0 else np.full(num_docs, k1)).astype(np.float32)
-    # In place, in float32 (as bm25s stores them), to keep the peak memory low.
-    weights = tf.astype(np.float32)
-    denominator = norm[docs]
-    denominator += weights
-    weights /= denominator
-    del denominator
-    weights *= idf[terms]
-    order = np.argsort(terms, kind="stable")
-    indptr = np.zeros(num_terms + 1, dtype=np.int64)
-    np.cumsum(df, out=indptr[1:])
-    return weights[order], docs[order], indptr
-
-
-def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc="bm25 index", unit="passage", unit_scale=True, smoothing=0.05)
-
-
-def build_bm25_index(
-    corpus_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    show_progress: bool = True,
-    overwrite: bool = False,
-) -> dict:
-    """Index a jsonl corpus with BM25 into `out_dir`; returns the metadata written.
-
-    One streaming pass writes the passage store and counts (term, passage) pairs per chunk;
-    then the weights are computed and saved in bm25s' format. The directory is built beside
-    `out_dir` and renamed into place at the end (see `staged_directory`).
-    """
-    import bm25s
-
-    started = time.perf_counter()
-    corpus_path = os.fspath(corpus_path)
-    term_ids = TermIds(Analyzer())
-    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    lengths: list[np.ndarray] = []
-    chunk_ids: list[int] = []
-    chunk_lengths: list[int] = []
-
-    def flush() -> None:
-        first_doc = sum(len(x) for x in lengths)
-        chunk = np.asarray(chunk_lengths, dtype=np.int64)
-        pairs.append(count_pairs(np.asarray(chunk_ids, dtype=np.int32), chunk, first_doc))
-        lengths.append(chunk)
-        chunk_ids.clear()
-        chunk_lengths.clear()
-
-    def analysed(passages: Iterable[Passage]) -> Iterable[Passage]:
-        for passage in passages:
-            ids = term_ids.ids(passage_text(passage))
-            chunk_ids.extend(ids)
-            chunk_lengths.append(len(ids))
-            if len(chunk_lengths) == _PASSAGES_PER_CHUNK:
-                flush()
-            yield passage
-
-    total = count_lines(corpus_path) if show_progress else None
-    with staged_directory(out_dir, overwrite=overwrite) as staging:
-        num_passages = write_docstore(analysed(_progress(iter_passages(corpus_path), total, show_progress)), staging)
-        if num_passages == 0:
-            raise ValueError(f"{corpus_path}: the corpus has no passages")
-        if chunk_lengths:
-            flush()
-        vocab = term_ids.vocab
-        vocab.setdefault(EMPTY_TERM, len(vocab))
-        terms, docs, tf = (np.concatenate(column) for column in zip(*pairs))
-        pairs.clear()
-        data, indices, indptr = bm25_csc(terms, docs, tf, np.concatenate(lengths), len(vocab), K1, B)
-        del terms, docs, tf
-        model = bm25s.BM25(k1=K1, b=B, method="lucene", backend="numpy")
-        model.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": num_passages}
-        model.vocab_dict = vocab
-        model.nonoccurrence_array = None
-        model.save(os.path.join(staging, BM25S_SUBDIR), show_progress=False)
-        meta = write_meta(
-            staging,
-            "bm25",
-            num_passages,
-            corpus_path,
-            k1=K1,
-            b=B,
-            scoring="lucene",
-            analyzer="lowercase, \\w\\w+ words, bm25s English stopwords, Snowball English stemmer",
-            num_terms=len(vocab),
-            num_postings=int(len(data)),
-            build_seconds=round(time.perf_counter() - started, 1),
-        )
-    return meta
+    return build(corpus_path, out_dir, **kwargs)
 
 
 def term_maxima(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
@@ -362,27 +277,39 @@ class Bm25Retriever:
     one call is what makes it fast.
     """
 
-    def __init__(self, model, store: DocStore, *, n_threads: int):
-        self._model = model
+    def __init__(self, index_dir: str, matrix: dict, vocab: dict[str, int], term_max: np.ndarray, store: DocStore, *, n_threads: int):
+        self._index_dir = index_dir
+        self._matrix = matrix  # bm25s' layout: data, indices, indptr (memory-mapped), num_docs
+        self._vocab = vocab
         self._store = store
         self._analyzer = Analyzer()
         self._n_threads = n_threads
         self._lock = threading.Lock()
-        self._num_docs = int(model.scores["num_docs"])
-        self._term_max = term_maxima(model.scores["data"], model.scores["indptr"])
+        self._num_docs = int(matrix["num_docs"])
+        self._term_max = term_max
+        self._bm25s_model = None  # only for the NumPy fallback, loaded on first use
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, *, n_threads: int | None = None) -> "Bm25Retriever":
-        """Open an index (arrays memory-mapped); `n_threads` defaults to the CPUs available."""
-        import bm25s
-
+        """Open an index (matrix and passages memory-mapped); `n_threads` defaults to the CPUs available."""
+        index_dir = os.fspath(index_dir)
         meta = read_meta(index_dir)
         if meta["method"] != "bm25":
-            raise ValueError(f"{os.fspath(index_dir)}: meta.json says method {meta['method']!r}, expected 'bm25'")
-        model = bm25s.BM25.load(
-            os.path.join(os.fspath(index_dir), BM25S_SUBDIR), mmap=True, backend="numpy", show_progress=False
-        )
-        return cls(model, DocStore.open(index_dir), n_threads=n_threads or default_threads())
+            raise ValueError(f"{index_dir}: meta.json says method {meta['method']!r}, expected 'bm25'")
+        files = os.path.join(index_dir, BM25S_SUBDIR)
+        try:
+            with open(os.path.join(files, "params.index.json"), encoding="utf-8") as handle:
+                num_docs = int(json.load(handle)["num_docs"])
+            with open(os.path.join(files, "vocab.index.json"), encoding="utf-8") as handle:
+                vocab = json.load(handle)
+            matrix = {name: np.load(os.path.join(files, f"{name}.csc.index.npy"), mmap_mode="r") for name in ("data", "indices", "indptr")}
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{files}: not a readable bm25s index ({type(err).__name__}: {err})") from None
+        matrix["num_docs"] = num_docs
+        term_max_path = os.path.join(index_dir, TERM_MAX_FILE)
+        # Indexes built before term_max.npy existed: compute it (reads the whole matrix once).
+        term_max = np.load(term_max_path).astype(np.float64) if os.path.isfile(term_max_path) else term_maxima(matrix["data"], matrix["indptr"])
+        return cls(index_dir, matrix, vocab, term_max, DocStore.open(index_dir), n_threads=n_threads or default_threads())
 
     def __len__(self) -> int:
         return self._num_docs
@@ -397,7 +324,7 @@ class Bm25Retriever:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         k = min(topk, self._num_docs)
-        vocab = self._model.vocab_dict
+        vocab = self._vocab
         query_terms = [[vocab[t] for t in self._analyzer.terms(q) if t in vocab] for q in queries]
         if njit is None:
             return self._search_ids_numpy(query_terms, k)
@@ -406,7 +333,7 @@ class Bm25Retriever:
         query_ptr = np.zeros(len(query_terms) + 1, np.int64)
         np.cumsum([len(t) for t in query_terms], out=query_ptr[1:])
         flat_terms = np.fromiter((t for terms in query_terms for t in terms), np.int64, count=int(query_ptr[-1]))
-        matrix = self._model.scores
+        matrix = self._matrix
         with self._lock:
             numba.set_num_threads(max(1, min(len(queries), self._n_threads, numba.config.NUMBA_NUM_THREADS)))
             return _topk_batch(query_ptr, flat_terms, matrix["data"], matrix["indices"], matrix["indptr"], self._term_max, k)
@@ -414,9 +341,14 @@ class Bm25Retriever:
     def _search_ids_numpy(self, query_terms: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
         if not query_terms:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        empty = [self._model.vocab_dict[EMPTY_TERM]]  # bm25s needs a term; this one is in no passage
+        empty = [self._vocab[EMPTY_TERM]]  # bm25s needs a term; this one is in no passage
         with self._lock:
-            docs, scores = self._model.retrieve(
+            if self._bm25s_model is None:
+                import bm25s
+
+                path = os.path.join(self._index_dir, BM25S_SUBDIR)
+                self._bm25s_model = bm25s.BM25.load(path, mmap=True, backend="numpy", show_progress=False)
+            docs, scores = self._bm25s_model.retrieve(
                 [t or empty for t in query_terms], k=k, show_progress=False, n_threads=self._n_threads
             )
         docs = np.where(scores > 0, docs, -1).astype(np.int64)

@@ -21,7 +21,6 @@ from typing import Sequence
 
 import httpx
 
-from searchr1_jax.retrieval.corpus import split_contents
 from searchr1_jax.retrieval.types import Passage
 
 
@@ -43,8 +42,7 @@ def _passage(entry: object, url: str, where: str) -> Passage:
         document, score = entry["document"], entry.get("score", 0.0)
     if not (isinstance(document, dict) and isinstance(document.get("contents"), str) and isinstance(score, (int, float))):
         raise RetrieverError(f"{url}: {where} is not a passage ({{'document': {{'id', 'contents'}}, 'score'}}): {str(entry)[:200]}")
-    title, text = split_contents(document["contents"])
-    return Passage(id=str(document.get("id", "")), title=title, text=text, score=float(score))
+    return Passage.from_contents(str(document.get("id", "")), document["contents"], float(score))
 
 
 def parse_response(body: object, num_queries: int, url: str) -> list[list[Passage]]:

@@ -2,9 +2,10 @@
 
 One passage a line, in either of the two schemas users have:
 
-- ``{"id": ..., "contents": "\\"Title\\"\\ntext"}`` (wiki-18 / FlashRAG / Pyserini): the first
-  line of ``contents`` is the title, one pair of surrounding double quotes removed; the rest
-  is the text. A ``contents`` without a newline is all text (empty title).
+- ``{"id": ..., "contents": "\\"Title\\"\\ntext"}`` (wiki-18 / FlashRAG / Pyserini): ``contents``
+  is kept byte for byte (``Passage.contents``); for display, the first line is the title,
+  one pair of surrounding double quotes removed, and the rest is the text (a ``contents``
+  without a newline is all text).
 - ``{"id": ..., "title": ..., "text": ...}`` (DPR-style tools).
 
 ``id`` may be a string or an integer (integers become their decimal string); ``contents``,
@@ -23,23 +24,13 @@ import os
 from typing import Iterator
 
 from searchr1_jax.retrieval.docstore import DocStore, write_docstore  # noqa: F401  (re-export)
-from searchr1_jax.retrieval.types import Passage
+from searchr1_jax.retrieval.types import Passage, split_contents  # noqa: F401  (split_contents re-exported)
 
 _READ_CHUNK_BYTES = 1 << 24
 
 
 class CorpusError(ValueError):
     """A corpus line that is not a passage; the message names the file and line."""
-
-
-def split_contents(contents: str) -> tuple[str, str]:
-    """Split wiki-18 ``contents`` (``"Title"\\ntext``) into ``(title, text)``."""
-    first, newline, rest = contents.partition("\n")
-    if not newline:
-        return "", contents
-    if len(first) >= 2 and first[0] == '"' and first[-1] == '"':
-        first = first[1:-1]
-    return first, rest
 
 
 def _parse_id(value: object, where: str) -> str:
@@ -69,8 +60,7 @@ def parse_passage(line: str, where: str) -> Passage:
         raise CorpusError(f"{where}: missing field 'id'")
     pid = _parse_id(row["id"], where)
     if "contents" in row:
-        title, text = split_contents(_string_field(row, "contents", where))
-        return Passage(id=pid, title=title, text=text)
+        return Passage.from_contents(pid, _string_field(row, "contents", where))
     missing = [name for name in ("title", "text") if name not in row]
     if missing:
         raise CorpusError(

@@ -1,5 +1,8 @@
 """Dense retrieval: resumable sharded index building and a FAISS-backed Retriever.
 
+An existing FAISS index (Search-R1's ``e5_Flat.index``) can be adopted instead of built:
+:mod:`searchr1_jax.retrieval.faiss_adopt`. Flat indexes are memory-mapped when served.
+
 Index directory layout (see :mod:`searchr1_jax.retrieval.docstore` for the shared part)::
 
     meta.json         {"method": "dense", "num_passages", "corpus", "created", "encoder",
@@ -307,7 +310,7 @@ class DenseRetriever:
         index_dir: str | os.PathLike,
         *,
         encoder_dir: str | os.PathLike | None = None,
-        batch_size: int = 64,
+        batch_size: int = 256,
         nprobe: int | None = None,
         ef_search: int | None = None,
         use_gpu: bool = True,
@@ -317,7 +320,9 @@ class DenseRetriever:
 
         encoder_dir overrides the encoder path recorded in meta.json (e.g. after moving it);
         the recorded pooling, prefixes and max length are always used so queries are embedded
-        like the passages were. nprobe (IVF, default 64) and ef_search (HNSW, default 128)
+        like the passages were. Queries are embedded `batch_size` at a time by one jitted
+        program per (rows, length) bucket, on the accelerator when JAX has one (e5-base on
+        this 2-core CPU: see benchmarks/README.md, "Dense query encoding"). nprobe (IVF, default 64) and ef_search (HNSW, default 128)
         trade speed for recall.
         """
         index_dir = os.path.abspath(os.fspath(index_dir))
@@ -340,7 +345,12 @@ class DenseRetriever:
         index_path = os.path.join(index_dir, meta.get("index_file", INDEX_FILE))
         if not os.path.isfile(index_path):
             raise FileNotFoundError(f"FAISS index file not found: {index_path}")
-        index = faiss.read_index(index_path)
+        if meta.get("adopted_from") == index_path and os.path.getsize(index_path) != meta.get("source_bytes"):
+            raise ValueError(f"{index_path} has {os.path.getsize(index_path)} bytes, but {meta['source_bytes']} when it was "
+                             f"adopted into {index_dir}: the file changed; adopt it again")
+        from searchr1_jax.retrieval.faiss_adopt import read_index_mmap
+
+        index = read_index_mmap(index_path)  # flat vectors memory-mapped: page cache, not process memory
         if meta["index_type"] == "ivf":
             ivf = faiss.extract_index_ivf(index)
             ivf.nprobe = min(nprobe or DEFAULT_NPROBE, ivf.nlist)

@@ -5,10 +5,14 @@ An index directory (BM25, dense or Lucene) holds
 - ``meta.json``: ``{"method": "bm25"|"dense"|"lucene", "num_passages": int, "corpus": str,
   "created": ISO-8601 UTC time, ...method-specific fields}``; write it with
   :func:`write_meta`, read it with :func:`read_meta`.
-- ``docstore.arrow`` (BM25 and dense): the passages in corpus order as an uncompressed Arrow
-  IPC file with string columns ``id``, ``title``, ``text``. Row ``i`` is the passage that the
-  index calls document ``i``. The file is memory-mapped on open, so wiki-18 (21M passages,
-  ~14 GB) costs page cache rather than process memory, and a look-up is a few microseconds.
+- the passage store (BM25 and dense): the passages in corpus order as uncompressed Arrow IPC
+  with string columns ``id`` and ``contents`` (the corpus line's ``contents`` byte for
+  byte; ``"title"\\ntext`` for ``{id, title, text}`` corpora), either one file
+  ``docstore.arrow`` or the numbered parts ``docstore/part-NNNNN.arrow`` of a sharded build,
+  read in order. Row ``i`` is the passage that the index calls document ``i``. Files are
+  memory-mapped on open (read-ahead off), so wiki-18 (21M passages, ~14 GB) costs page
+  cache rather than process memory, and a look-up is a few microseconds. Stores written before ``contents``
+  was kept verbatim (columns ``id``, ``title``, ``text``) are still read.
 
 Use::
 
@@ -25,76 +29,154 @@ import bisect
 import contextlib
 import datetime
 import json
+import mmap
 import os
 import shutil
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from searchr1_jax.retrieval.types import Passage
 
 DOCSTORE_FILE = "docstore.arrow"
+DOCSTORE_PARTS_DIR = "docstore"
 META_FILE = "meta.json"
 METHODS = ("bm25", "dense", "lucene")
-_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+_SCHEMA = pa.schema([("id", pa.string()), ("contents", pa.string())])
+_OLD_SCHEMA_NAMES = ["id", "title", "text"]
 _ROWS_PER_BATCH = 65536
 
 
-def write_docstore(passages: Iterable[Passage], out_dir: str | os.PathLike) -> int:
-    """Write `passages` (in order) to ``out_dir/docstore.arrow``; returns how many were written."""
-    os.makedirs(out_dir, exist_ok=True)
+def write_passages(passages: Iterable[Passage], path: str | os.PathLike) -> int:
+    """Write `passages` (in order) as one passage-store file at `path`; returns how many."""
     count = 0
-    columns: tuple[list[str], list[str], list[str]] = ([], [], [])
-    with ipc.new_file(os.path.join(out_dir, DOCSTORE_FILE), _SCHEMA) as writer:
+    columns: tuple[list[str], list[str]] = ([], [])
+    with ipc.new_file(os.fspath(path), _SCHEMA) as writer:
         for passage in passages:
             columns[0].append(passage.id)
-            columns[1].append(passage.title)
-            columns[2].append(passage.text)
+            columns[1].append(passage.contents)
             count += 1
             if len(columns[0]) == _ROWS_PER_BATCH:
                 writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=_SCHEMA))
-                columns = ([], [], [])
+                columns = ([], [])
         if columns[0] or count == 0:
             writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=_SCHEMA))
     return count
 
 
-class DocStore:
-    """Read-only, memory-mapped random access to the passages of an index directory."""
+def write_docstore(passages: Iterable[Passage], out_dir: str | os.PathLike) -> int:
+    """Write `passages` (in order) to ``out_dir/docstore.arrow``; returns how many were written."""
+    os.makedirs(out_dir, exist_ok=True)
+    return write_passages(passages, os.path.join(out_dir, DOCSTORE_FILE))
 
-    def __init__(self, path: str, batches: list[pa.RecordBatch]):
+
+def part_path(out_dir: str | os.PathLike, number: int) -> str:
+    """Where part `number` of a sharded passage store lives inside index directory `out_dir`."""
+    return os.path.join(os.fspath(out_dir), DOCSTORE_PARTS_DIR, f"part-{number:05d}.arrow")
+
+
+def _map_random(path: str) -> mmap.mmap:
+    """`path` memory-mapped read-only, with read-ahead off: look-ups are random, and the
+    kernel's default read-ahead (~128 KiB a fault) would page in the whole store within a
+    few thousand look-ups, inflating the server's RSS with pages it never reads."""
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return mapped
+
+
+def _store_files(index_dir: str) -> list[str]:
+    single = os.path.join(index_dir, DOCSTORE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    parts_dir = os.path.join(index_dir, DOCSTORE_PARTS_DIR)
+    parts = sorted(n for n in os.listdir(parts_dir) if n.startswith("part-") and n.endswith(".arrow")) if os.path.isdir(parts_dir) else []
+    if not parts:
+        raise FileNotFoundError(
+            f"passage store not found: neither {single} nor {parts_dir}/part-*.arrow "
+            "(build the index with searchr1_jax.retrieval.build_index)"
+        )
+    return [os.path.join(parts_dir, n) for n in parts]
+
+
+class _Contents:
+    """The `contents` column of one record batch, read with pread(2) instead of the mapping.
+
+    Faulting in mapped pages also maps their neighbours already in the page cache (fault-
+    around, large folios), so a few thousand random look-ups through a mapping put the
+    whole store into the server's RSS. The offsets stay mapped (4 bytes a row); each
+    passage's bytes are read from the file at their position. Falls back to Arrow's own
+    access if the buffer does not lie inside the mapping (never the case for our files).
+    """
+
+    def __init__(self, column: pa.StringArray, handle, base: int, size: int):
+        self.column = column
+        buffers = column.buffers()
+        self.offsets = np.frombuffer(buffers[1], np.int32, count=len(column) + 1, offset=4 * column.offset) if len(column) else None
+        data = buffers[2]
+        self.position = data.address - base if data is not None and base <= data.address < base + size else None
+        self.handle = handle
+
+    def __getitem__(self, row: int) -> str:
+        if self.position is None or self.offsets is None:
+            return self.column[row].as_py()
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        return os.pread(self.handle.fileno(), end - start, self.position + start).decode("utf-8")
+
+
+class DocStore:
+    """Read-only random access to the passages of an index directory: memory-mapped
+    metadata and ids, passage text read on demand (see `_Contents`)."""
+
+    def __init__(self, path: str, columns: list[tuple]):
         self.path = path
-        self._columns = [(b.column(0), b.column(1), b.column(2)) for b in batches]
+        self._columns = columns  # per batch: (ids, _Contents) or, old stores, (ids, titles, texts)
         self._starts = [0]
-        for batch in batches:
-            self._starts.append(self._starts[-1] + batch.num_rows)
+        for batch in columns:
+            self._starts.append(self._starts[-1] + len(batch[0]))
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike) -> "DocStore":
-        path = os.path.join(os.fspath(index_dir), DOCSTORE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"passage store not found: {path} (build the index with searchr1_jax.retrieval.build_index)")
-        try:
-            reader = ipc.open_file(pa.memory_map(path))
-        except pa.ArrowInvalid as err:
-            raise ValueError(f"{path}: not a valid passage store ({err})") from None
-        if reader.schema.names != _SCHEMA.names:
-            raise ValueError(f"{path}: expected columns {_SCHEMA.names}, found {reader.schema.names}")
-        return cls(path, [reader.get_batch(i) for i in range(reader.num_record_batches)])
+        columns: list[tuple] = []
+        files = _store_files(os.fspath(index_dir))
+        for path in files:
+            try:
+                mapped = _map_random(path)
+                reader = ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
+            except (pa.ArrowInvalid, ValueError) as err:
+                raise ValueError(f"{path}: not a valid passage store ({err})") from None
+            if reader.schema.names not in (_SCHEMA.names, _OLD_SCHEMA_NAMES):
+                raise ValueError(f"{path}: expected columns {_SCHEMA.names}, found {reader.schema.names}")
+            handle = open(path, "rb")
+            base = np.frombuffer(mapped, np.uint8).ctypes.data
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                if batch.num_columns == 2:
+                    columns.append((batch.column(0), _Contents(batch.column(1), handle, base, len(mapped))))
+                else:
+                    columns.append((batch.column(0), batch.column(1), batch.column(2)))
+        return cls(files[0] if len(files) == 1 else os.path.dirname(files[0]), columns)
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    @staticmethod
+    def _row(columns: tuple, row: int, score: float) -> Passage:
+        if len(columns) == 2:
+            return Passage.from_contents(columns[0][row].as_py(), columns[1][row], float(score))
+        ids, titles, texts = columns
+        return Passage(id=ids[row].as_py(), title=titles[row].as_py(), text=texts[row].as_py(), score=float(score))
 
     def passage(self, index: int, score: float = 0.0) -> Passage:
         """Passage number `index` (0-based corpus order) carrying `score`."""
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: passage {index} out of range [0, {len(self)})")
         chunk = bisect.bisect_right(self._starts, index) - 1
-        row = index - self._starts[chunk]
-        ids, titles, texts = self._columns[chunk]
-        return Passage(id=ids[row].as_py(), title=titles[row].as_py(), text=texts[row].as_py(), score=float(score))
+        return self._row(self._columns[chunk], index - self._starts[chunk], score)
 
     def passages(self, indices: Sequence[int], scores: Sequence[float] | None = None) -> list[Passage]:
         """Passages for `indices`, each carrying the matching entry of `scores` (0.0 if None)."""
@@ -103,9 +185,13 @@ class DocStore:
         return [self.passage(int(i), s) for i, s in zip(indices, scores, strict=True)]
 
     def __iter__(self) -> Iterator[Passage]:
-        for ids, titles, texts in self._columns:
-            for pid, title, text in zip(ids.to_pylist(), titles.to_pylist(), texts.to_pylist()):
-                yield Passage(id=pid, title=title, text=text)
+        for columns in self._columns:
+            if len(columns) == 2:
+                for pid, contents in zip(columns[0].to_pylist(), columns[1].column.to_pylist()):
+                    yield Passage.from_contents(pid, contents)
+            else:
+                for pid, title, text in zip(*(c.to_pylist() for c in columns)):
+                    yield Passage(id=pid, title=title, text=text)
 
 
 def write_meta(out_dir: str | os.PathLike, method: str, num_passages: int, corpus: str | os.PathLike, **fields) -> dict:
@@ -170,3 +256,51 @@ def staged_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
+
+
+def check_build_settings(staging: str, settings: dict, path_name: str = "build.json") -> dict:
+    """Record `settings` in a new staging dir, or check that an interrupted build used the same.
+
+    Returns what the staging dir holds (the recorded settings, which may carry more keys than
+    `settings`, e.g. choices made on the first run that a resumed run must reuse).
+    """
+    path = os.path.join(staging, path_name)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        diffs = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if diffs:
+            detail = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+            raise ValueError(f"{staging} holds an interrupted build with different settings ({detail}); delete it to start over")
+        return previous
+    os.makedirs(staging, exist_ok=True)
+    write_json_atomically(path, settings)
+    return dict(settings)
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Write `value` as JSON to `path` so that `path` only ever holds a complete file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def is_nonempty(path: str) -> bool:
+    return os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
+
+
+def publish(staging: str, out: str, overwrite: bool) -> None:
+    """Rename a finished staging directory to `out`, replacing a non-empty `out` only if `overwrite`."""
+    if not is_nonempty(out):
+        os.replace(staging, out)  # rename(2) also replaces an empty directory
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    # Directories cannot be swapped in one rename: retire the old index first; a crash between
+    # the two renames leaves it complete under the retired name.
+    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.replace(out, os.path.join(retired, "index"))
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -17,6 +17,7 @@ documents (``{"id", "contents"}``), so the index must have been built with ``-st
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import importlib.util
@@ -184,8 +185,7 @@ class LuceneRetriever:
         where = f"{self._index_dir}: document {docid}"
         if document is None or not document.raw():
             raise CorpusError(f"{where}: no raw document stored (index with -storeRaw)")
-        passage = parse_passage(document.raw(), where)
-        return Passage(id=passage.id, title=passage.title, text=passage.text, score=float(score))
+        return dataclasses.replace(parse_passage(document.raw(), where), score=float(score))
 
     def search(self, queries: Sequence[str], topk: int) -> list[list[Passage]]:
         """All queries in one `batch_search` over `n_threads` threads, then one fetch per hit."""

@@ -1,9 +1,11 @@
 """The text a policy sees after a search, formatted exactly as Search-R1 does.
 
-Search-R1 takes each hit's wiki-18 ``contents`` (``"Title"\\ntext``), calls its first line
-the title and the rest the text, and writes ``Doc {i}(Title: {title}) {text}\\n`` per hit.
-The title therefore keeps wiki-18's double quotes: ``Doc 1(Title: "Paris") Paris is ...``.
-Models trained with the original saw exactly this, so it is reproduced byte for byte.
+Search-R1 takes each hit's stored ``contents`` (wiki-18: ``"Title"\\ntext``), calls its first
+line the title and the remaining lines the text, and writes ``Doc {i}(Title: {title}) {text}\\n``
+per hit. The title therefore keeps wiki-18's double quotes (``Doc 1(Title: "Paris") Paris
+is ...``), and any other ``contents`` (no newline, CRLF, a plain title) comes out as the
+same split of it. ``Passage.contents`` is the stored text byte for byte, so models trained
+with the original see exactly what they saw there.
 The block is then stripped and wrapped as ``\\n\\n<information>…</information>\\n\\n``.
 """
 from __future__ import annotations

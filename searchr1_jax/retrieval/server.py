@@ -5,11 +5,15 @@
 ``POST /retrieve`` takes ``{"queries": [str], "topk": int|null, "return_scores": bool}``
 (``topk`` null → the server's ``--topk``; ``return_scores`` defaults to false as in the
 original) and answers ``{"result": [per query: [{"document": {"id", "contents"}, "score"}]]}``,
-or, without scores, ``{"result": [per query: [{"id", "contents"}]]}``. ``GET /health``
-answers ``{"status": "ok", "queue": pending requests}``. Bad requests (not JSON, wrong
-types, too many queries, an over-long query, topk out of range) get a 4xx with a message
-saying which limit; the server keeps serving. Unlike the original it binds 127.0.0.1
-unless told otherwise.
+or, without scores, ``{"result": [per query: [{"id", "contents"}]]}``; ``contents`` is the
+corpus line's stored text, byte for byte. ``GET /health`` answers ``{"status": "ok",
+"queue": pending requests, "truncated_queries": queries cut so far}``. A query longer than
+``--max-query-chars`` (a policy that rambles inside ``<search>``) is cut to that many
+characters, logged and counted, and the batch is answered: rejecting the whole batch would
+kill the original's client, which reads ``result`` unconditionally. Malformed requests (not
+JSON, wrong types, too many queries, topk out of range) get a 4xx with a message saying
+which limit; the server keeps serving. Unlike the original it binds 127.0.0.1 unless told
+otherwise.
 
 Micro-batching (:class:`MicroBatcher`): each request puts its queries on an asyncio queue
 and awaits a future. One worker task takes everything queued (up to ``max_batch_queries``),
@@ -27,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -39,6 +44,8 @@ DEFAULT_MAX_QUERIES = 8192
 DEFAULT_MAX_QUERY_CHARS = 4096
 DEFAULT_MAX_TOPK = 100
 DEFAULT_MAX_BATCH_QUERIES = 8192
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -118,10 +125,19 @@ def response_json(results: Sequence[Sequence[Passage]], return_scores: bool) -> 
     return {"result": rows}
 
 
-def validate_request(body: object, *, max_queries: int, max_query_chars: int, max_topk: int, default_topk: int) -> tuple[list[str], int, bool]:
+def truncate_queries(queries: list[str], max_chars: int) -> tuple[list[str], list[int]]:
+    """``(queries each cut to its first max_chars characters, positions of those that were cut)``."""
+    cut = [i for i, q in enumerate(queries) if len(q) > max_chars]
+    if not cut:
+        return queries, cut
+    return [q[:max_chars] for q in queries], cut
+
+
+def validate_request(body: object, *, max_queries: int, max_topk: int, default_topk: int) -> tuple[list[str], int, bool]:
     """Check a decoded ``/retrieve`` body; returns ``(queries, topk, return_scores)``.
 
-    Raises ValueError with a message naming the offending field.
+    Raises ValueError with a message naming the offending field. Query length is not
+    checked here: over-long queries are truncated (:func:`truncate_queries`), not refused.
     """
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object {\"queries\": [...], \"topk\": int, \"return_scores\": bool}")
@@ -133,9 +149,6 @@ def validate_request(body: object, *, max_queries: int, max_query_chars: int, ma
         raise ValueError("field 'queries' must be a list of strings")
     if len(queries) > max_queries:
         raise ValueError(f"field 'queries' holds {len(queries)} queries; at most {max_queries} per request")
-    for number, query in enumerate(queries):
-        if len(query) > max_query_chars:
-            raise ValueError(f"queries[{number}] is {len(query)} characters long; at most {max_query_chars}")
     topk = body.get("topk")
     if topk is None:
         topk = default_topk
@@ -162,6 +175,7 @@ def create_app(
     if not 1 <= default_topk <= max_topk:
         raise ValueError(f"default_topk must be between 1 and max_topk={max_topk}, got {default_topk}")
     batcher = MicroBatcher(retriever, max_batch_queries)
+    stats = {"truncated_queries": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -172,7 +186,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queue": batcher.pending()}
+        return {"status": "ok", "queue": batcher.pending(), **stats}
 
     @app.post("/retrieve")
     async def retrieve(request: Request) -> JSONResponse:
@@ -182,10 +196,18 @@ def create_app(
             return JSONResponse({"detail": f"the body is not valid JSON: {err}"}, status_code=400)
         try:
             queries, topk, return_scores = validate_request(
-                body, max_queries=max_queries, max_query_chars=max_query_chars, max_topk=max_topk, default_topk=default_topk
+                body, max_queries=max_queries, max_topk=max_topk, default_topk=default_topk
             )
         except ValueError as err:
             return JSONResponse({"detail": str(err)}, status_code=422)
+        lengths = [len(q) for q in queries]
+        queries, cut = truncate_queries(queries, max_query_chars)
+        if cut:
+            stats["truncated_queries"] += len(cut)
+            log.warning(
+                "truncated %d of %d queries to %d characters (queries%s: %s characters); %d truncated so far",
+                len(cut), len(queries), max_query_chars, cut[:5], [lengths[i] for i in cut[:5]], stats["truncated_queries"],
+            )
         if not queries:
             return JSONResponse({"result": []})
         try:
@@ -204,13 +226,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--topk", type=int, default=3, help="passages per query when a request's topk is null")
     parser.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES, help="queries allowed in one request")
-    parser.add_argument("--max-query-chars", type=int, default=DEFAULT_MAX_QUERY_CHARS, help="characters allowed in one query")
+    parser.add_argument("--max-query-chars", type=int, default=DEFAULT_MAX_QUERY_CHARS,
+                        help="longer queries are cut to this many characters (logged, counted on /health)")
     parser.add_argument("--max-topk", type=int, default=DEFAULT_MAX_TOPK, help="largest topk a request may ask")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from searchr1_jax.retrieval.index import load_retriever

@@ -14,7 +14,7 @@ import re
 
 _INFORMATION_BLOCK = re.compile(r"<information>(.*?)</information>", re.DOTALL)
 _SEARCH_CALL = re.compile(r"<search>.*?</search>", re.DOTALL)
-_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def information_blocks(response: str) -> list[str]:
@@ -28,21 +28,18 @@ def _without_information(response: str) -> str:
 
 
 def extract_answer(response: str) -> str | None:
-    """Stripped content of the last closed `<answer>…</answer>` outside information blocks.
+    """Stripped content of the last complete `<answer>…</answer>` pair outside information blocks.
 
-    Only the response is searched, so the `<answer> Beijing </answer>` example inside the
-    prompt can never be mistaken for the model's answer. For `<answer>a<answer>b</answer>`
-    the innermost opening wins ("b"). Returns None when there is no closed answer tag; an
-    empty tag gives "".
+    The original's rule: match `<answer>(.*?)</answer>` non-greedily from left to right and
+    keep the last match, so a stray `</answer>` after the answer changes nothing
+    (`<answer> Paris </answer>\\n</answer>` gives "Paris") and a nested opening stays in
+    the content (`<answer>a <answer>b</answer>` gives "a <answer>b"). Only the response is
+    searched, so the `<answer> Beijing </answer>` example inside the prompt can never be
+    mistaken for the model's answer. Returns None when there is no complete pair; an empty
+    pair gives "".
     """
-    text = _without_information(response)
-    end = text.rfind(_ANSWER_CLOSE)
-    if end < 0:
-        return None
-    start = text.rfind(_ANSWER_OPEN, 0, end)
-    if start < 0:
-        return None
-    return text[start + len(_ANSWER_OPEN) : end].strip()
+    matches = _ANSWER.findall(_without_information(response))
+    return matches[-1].strip() if matches else None
 
 
 def count_searches(response: str) -> int:
