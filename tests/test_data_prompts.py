@@ -151,7 +151,7 @@ def test_every_entry_point_follows_the_rule(chat_tokenizer, plain_tokenizer):
     assert base_config().data.template == "auto"
     parser = argparse.ArgumentParser()
     add_rollout_flags(parser)  # evaluate's and infer's flags
-    assert parser.parse_args([]).template == "auto"
+    assert parser.parse_args(["--index", "indexes/x"]).template == "auto"
     example = Example(data_source="nq", prompt=chat_messages("who wrote hamlet"), golden_answers=["Shakespeare"],
                       split="test", index=0)
     for tokenizer in (chat_tokenizer, plain_tokenizer):
