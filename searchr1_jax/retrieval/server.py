@@ -15,6 +15,16 @@ JSON, wrong types, too many queries, topk out of range) get a 4xx with a message
 which limit; the server keeps serving. Unlike the original it binds 127.0.0.1 unless told
 otherwise.
 
+Limits against clients that misbehave, where the original has none: a body over
+``--max-body-bytes`` gets 413 (checked on the declared length and while reading); request
+headers must arrive within ``--header-timeout`` seconds and the body within
+``--body-timeout`` (else the connection is closed, or 408), so slow or stalled clients cannot
+hold connections open; JSON that Python cannot decode safely (a 5,000-digit integer, arrays
+nested 100,000 deep) gets 400; a client that disconnects mid-request is one log line. On
+SIGTERM or SIGINT the server stops accepting, gives in-flight requests at most
+``--shutdown-timeout`` seconds, and exits 0. The interactive docs (``/docs``, ``/redoc``,
+``/openapi.json``, which load JavaScript from a CDN) are off unless ``--docs``.
+
 Micro-batching (:class:`MicroBatcher`): each request puts its queries on an asyncio queue
 and awaits a future. One worker task takes everything queued (up to ``max_batch_queries``),
 runs a single ``retriever.search`` over all of it on one background thread, and hands each
@@ -37,6 +47,7 @@ from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from searchr1_jax.retrieval.types import Passage, Retriever
 
@@ -44,6 +55,10 @@ DEFAULT_MAX_QUERIES = 8192
 DEFAULT_MAX_QUERY_CHARS = 4096
 DEFAULT_MAX_TOPK = 100
 DEFAULT_MAX_BATCH_QUERIES = 8192
+DEFAULT_MAX_BODY_BYTES = 64 << 20  # 8,192 queries of 4,096 characters fit
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +177,39 @@ def validate_request(body: object, *, max_queries: int, max_topk: int, default_t
     return queries, topk, return_scores
 
 
+class _BodyError(Exception):
+    """A body that cannot be read: `status` and `detail` of the answer."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+async def read_body(request: Request, *, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, refused (`_BodyError`) when it declares or turns out to hold more than
+    `max_bytes` (413) or does not arrive within `timeout_s` seconds (408)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _BodyError(413, f"the body has {int(declared)} bytes; at most {max_bytes} are accepted")
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _BodyError(413, f"the body has more than {max_bytes} bytes; at most {max_bytes} are accepted")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise _BodyError(408, f"the body did not arrive within {timeout_s:g} s") from None
+    except asyncio.CancelledError:  # the server's graceful-shutdown bound ran out while waiting
+        raise _BodyError(503, "the server is shutting down") from None
+    return b"".join(chunks)
+
+
 def create_app(
     retriever: Retriever,
     *,
@@ -170,6 +218,9 @@ def create_app(
     max_topk: int = DEFAULT_MAX_TOPK,
     default_topk: int = 3,
     max_batch_queries: int = DEFAULT_MAX_BATCH_QUERIES,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    docs: bool = False,
 ):
     """A FastAPI app serving `retriever` (see the module docstring for the API and limits)."""
     if not 1 <= default_topk <= max_topk:
@@ -182,7 +233,8 @@ def create_app(
         yield
         batcher.close()
 
-    app = FastAPI(title="searchr1_jax retriever", lifespan=lifespan)
+    app = FastAPI(title="searchr1_jax retriever", lifespan=lifespan, **({} if docs else
+                  {"docs_url": None, "redoc_url": None, "openapi_url": None}))
 
     @app.get("/health")
     async def health() -> dict:
@@ -191,9 +243,19 @@ def create_app(
     @app.post("/retrieve")
     async def retrieve(request: Request) -> JSONResponse:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return JSONResponse({"detail": f"the body is not valid JSON: {err}"}, status_code=400)
+            raw = await read_body(request, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+        except _BodyError as err:
+            log.warning("refused a request from %s: %s", _client(request), err.detail)
+            return JSONResponse({"detail": err.detail}, status_code=err.status)
+        except ClientDisconnect:
+            log.info("client %s disconnected before sending its whole request", _client(request))
+            return JSONResponse({"detail": "client disconnected"}, status_code=400)
+        try:
+            body = json.loads(raw)
+        except ValueError as err:  # not JSON, not UTF-8, or an integer too long to convert
+            return JSONResponse({"detail": f"the body is not valid JSON: {str(err)[:200]}"}, status_code=400)
+        except RecursionError:
+            return JSONResponse({"detail": "the body nests arrays or objects too deeply"}, status_code=400)
         try:
             queries, topk, return_scores = validate_request(
                 body, max_queries=max_queries, max_topk=max_topk, default_topk=default_topk
@@ -219,6 +281,65 @@ def create_app(
     return app
 
 
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+def _header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all
+    arrived `timeout_s` seconds after it opened or after its last response (slow-header
+    clients would otherwise hold it forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            waiting_for_headers = self.cycle is None or self.cycle.response_complete
+            if waiting_for_headers and not self.transport.is_closing():
+                log.info("closed a connection from %s: no complete request headers within %g s",
+                         "%s:%d" % self.client if self.client else "?", timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def serve(app, *, host: str, port: int, header_timeout_s: float, shutdown_timeout_s: float) -> None:
+    """Run `app` under uvicorn until SIGTERM/SIGINT; returns (exit 0) after a graceful stop
+    bounded by `shutdown_timeout_s`."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has stopped (exit -15); a requested stop
+            # that completed is a clean exit.
+            self._captured_signals.clear()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            http=_header_timeout_protocol(header_timeout_s),
+                            timeout_graceful_shutdown=max(1, round(shutdown_timeout_s)))
+    Server(config).run()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m searchr1_jax.retrieval.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", required=True, help="index directory (built by searchr1_jax.retrieval.build_index, or a Pyserini Lucene index)")
@@ -229,14 +350,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-query-chars", type=int, default=DEFAULT_MAX_QUERY_CHARS,
                         help="longer queries are cut to this many characters (logged, counted on /health)")
     parser.add_argument("--max-topk", type=int, default=DEFAULT_MAX_TOPK, help="largest topk a request may ask")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get 413")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a connection may take to send its request headers")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a request may take to send its body (else 408)")
+    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                        help="on SIGTERM, seconds in-flight requests get before the server exits")
+    parser.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from searchr1_jax.retrieval.index import load_retriever
 
     try:
@@ -244,13 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         retriever.search(["warm up"], 1)  # compile / page in before the first client waits on it
         app = create_app(
             retriever, max_queries=args.max_queries, max_query_chars=args.max_query_chars, max_topk=args.max_topk,
-            default_topk=args.topk,
+            default_topk=args.topk, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+            docs=args.docs,
         )  # fmt: skip
     except (OSError, ValueError, RuntimeError) as err:
         print(f"server: error: {err}", file=sys.stderr)
         return 1
     print(f"serving {args.index} at http://{args.host}:{args.port}/retrieve", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, host=args.host, port=args.port, header_timeout_s=args.header_timeout,
+          shutdown_timeout_s=args.shutdown_timeout)
+    print("server: stopped", file=sys.stderr, flush=True)
     return 0
 
 
