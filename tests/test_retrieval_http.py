@@ -107,6 +107,15 @@ def test_client_matches_in_process_results(retriever):
         assert client.search([], 3) == []
 
 
+def test_client_counts_queries_the_server_truncated(retriever):
+    with serve(create_app(retriever, max_query_chars=16)) as url, HttpRetriever(url) as client:
+        long_query = "kilo " + "z" * 30
+        assert client.search(["kilo", long_query], 2) == retriever.search(["kilo", long_query[:16]], 2)
+        assert client.truncated_queries == 1
+        client.search([long_query, long_query + "y", "kilo"], 2)
+        assert client.truncated_queries == 3
+
+
 def test_cache_sends_only_unseen_queries(retriever):
     counting = Counting(retriever)
     with serve(create_app(counting)) as url, HttpRetriever(url, cache_size=2) as client:

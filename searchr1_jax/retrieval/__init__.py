@@ -2,7 +2,7 @@
 
 Every retriever implements :class:`Retriever` (``search(queries, topk)``), so the rollout
 never knows which one it holds. ``load_retriever(index_dir)`` opens any index directory.
-The dense retriever (``DenseRetriever``, ``build_dense_index``) is imported on first use,
+The dense retriever (``DenseRetriever``, ``build_dense_index``, ``adopt_faiss_index``) is imported on first use,
 so BM25 users need neither faiss nor an encoder.
 """
 from __future__ import annotations
@@ -18,7 +18,11 @@ from searchr1_jax.retrieval.lucene import LuceneRetriever, build_lucene_index
 from searchr1_jax.retrieval.observation import format_passages, wrap_information
 from searchr1_jax.retrieval.types import Passage, Retriever
 
-_LAZY = {"DenseRetriever": "searchr1_jax.retrieval.dense", "build_dense_index": "searchr1_jax.retrieval.dense"}
+_LAZY = {
+    "DenseRetriever": "searchr1_jax.retrieval.dense",
+    "build_dense_index": "searchr1_jax.retrieval.dense",
+    "adopt_faiss_index": "searchr1_jax.retrieval.faiss_adopt",
+}
 
 __all__ = [
     "Bm25Retriever",
@@ -31,6 +35,7 @@ __all__ = [
     "Retriever",
     "RetrieverError",
     "RetrieverUnavailableError",
+    "adopt_faiss_index",
     "build_bm25_index",
     "build_dense_index",
     "build_lucene_index",

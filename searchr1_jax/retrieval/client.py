@@ -10,6 +10,7 @@ takes minutes to load) is waited for instead of hammered. A 4xx is not retried. 
 server cannot be reached, :class:`RetrieverUnavailableError` names the URL. `retries_total`
 counts the retries made, for the trainer's metrics. An optional LRU
 cache (``cache_size`` entries of (query, topk)) sends only the queries it has not seen.
+``truncated_queries`` counts the queries our server reported cutting to its length limit.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class HttpRetriever:
         self._cache_size = cache_size
         self._cache: collections.OrderedDict[tuple[str, int], list[Passage]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        self.truncated_queries = 0  # queries the server reported cutting to its length limit
 
     def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         payload = {"queries": queries, "topk": topk, "return_scores": True}
@@ -100,7 +102,11 @@ class HttpRetriever:
                 body = response.json()
             except ValueError:
                 raise RetrieverError(f"{self.url}: the response is not JSON: {response.text[:200]}") from None
-            return parse_response(body, len(queries), self.url)
+            passages = parse_response(body, len(queries), self.url)
+            cut = body.get("truncated")  # our server's note of queries it cut to its length limit
+            if isinstance(cut, list):
+                self.truncated_queries += len(cut)
+            return passages
         if isinstance(last_error, RetrieverError):
             raise RetrieverError(f"{last_error} (after {attempts} attempts)")
         raise RetrieverUnavailableError(

@@ -322,8 +322,8 @@ class DenseRetriever:
         the recorded pooling, prefixes and max length are always used so queries are embedded
         like the passages were. Queries are embedded `batch_size` at a time by one jitted
         program per (rows, length) bucket, on the accelerator when JAX has one (e5-base on
-        this 2-core CPU: see benchmarks/README.md, "Dense query encoding"). nprobe (IVF, default 64) and ef_search (HNSW, default 128)
-        trade speed for recall.
+        this 2-core CPU: benchmarks/README.md, "Dense query encoding"). nprobe (IVF,
+        default 64) and ef_search (HNSW, default 128) trade speed for recall.
         """
         index_dir = os.path.abspath(os.fspath(index_dir))
         meta_path = os.path.join(index_dir, "meta.json")

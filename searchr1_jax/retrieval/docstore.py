@@ -9,9 +9,10 @@ An index directory (BM25, dense or Lucene) holds
   with string columns ``id`` and ``contents`` (the corpus line's ``contents`` byte for
   byte; ``"title"\\ntext`` for ``{id, title, text}`` corpora), either one file
   ``docstore.arrow`` or the numbered parts ``docstore/part-NNNNN.arrow`` of a sharded build,
-  read in order. Row ``i`` is the passage that the index calls document ``i``. Files are
-  memory-mapped on open (read-ahead off), so wiki-18 (21M passages, ~14 GB) costs page
-  cache rather than process memory, and a look-up is a few microseconds. Stores written before ``contents``
+  read in order. Row ``i`` is the passage that the index calls document ``i``. Ids and
+  offsets are memory-mapped on open (read-ahead off) and each passage's text is read with
+  pread, so wiki-18 (21M passages, ~14 GB) costs page cache rather than process memory
+  (RSS), and a look-up is a few microseconds. Stores written before ``contents``
   was kept verbatim (columns ``id``, ``title``, ``text``) are still read.
 
 Use::

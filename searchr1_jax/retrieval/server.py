@@ -9,7 +9,8 @@ or, without scores, ``{"result": [per query: [{"id", "contents"}]]}``; ``content
 corpus line's stored text, byte for byte. ``GET /health`` answers ``{"status": "ok",
 "queue": pending requests, "truncated_queries": queries cut so far}``. A query longer than
 ``--max-query-chars`` (a policy that rambles inside ``<search>``) is cut to that many
-characters, logged and counted, and the batch is answered: rejecting the whole batch would
+characters, logged and counted, and the batch is answered (the body then also holds
+``"truncated": [positions of the cut queries]``): rejecting the whole batch would
 kill the original's client, which reads ``result`` unconditionally. Malformed requests (not
 JSON, wrong types, too many queries, topk out of range) get a 4xx with a message saying
 which limit; the server keeps serving. Unlike the original it binds 127.0.0.1 unless told
@@ -276,7 +277,10 @@ def create_app(
             results = await batcher.search(queries, topk)
         except Exception as err:
             return JSONResponse({"detail": f"retrieval failed: {type(err).__name__}: {err}"}, status_code=500)
-        return JSONResponse(response_json(results, return_scores))
+        body = response_json(results, return_scores)
+        if cut:  # extra key, only then: the original's client reads "result" alone
+            body["truncated"] = cut
+        return JSONResponse(body)
 
     return app
 
