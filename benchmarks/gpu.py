@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from roofline import Shape  # noqa: E402
+from roofline import Shape, best_seconds  # noqa: E402
 from searchr1_jax.models import Decoder  # noqa: E402
 from searchr1_jax.models import attention as attention_module  # noqa: E402
 from searchr1_jax.models.config import config_from_hf_dict  # noqa: E402
@@ -112,16 +112,6 @@ def hf_config(shape: str):
 
 def model_config(shape: str):
     return dataclasses.replace(config_from_hf_dict(hf_config(shape).to_dict()), hf_config={})
-
-
-def best_seconds(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        clock = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - clock)
-    return best
 
 
 def measure_machine(plan: Plan) -> dict:

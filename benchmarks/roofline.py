@@ -38,7 +38,7 @@ class Machine:
         return f"{self.flops / 1e9:.0f} GFLOP/s, {self.bandwidth / 1e9:.1f} GB/s"
 
 
-def _best_seconds(fn, *args, repeats: int = 5) -> float:
+def best_seconds(fn, *args, repeats: int = 5) -> float:
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -52,9 +52,9 @@ def measure_machine(matmul_size: int = 2048, read_bytes: int = 256 << 20) -> Mac
     """Peak float32 matmul FLOP/s and read bandwidth (a sum over read_bytes) as XLA achieves
     them on the default device (best of 5)."""
     a = jnp.ones((matmul_size, matmul_size), jnp.float32)
-    matmul = _best_seconds(jax.jit(lambda x: x @ x), a)
+    matmul = best_seconds(jax.jit(lambda x: x @ x), a)
     big = jnp.ones((read_bytes // 4,), jnp.float32)
-    read = _best_seconds(jax.jit(jnp.sum), big)
+    read = best_seconds(jax.jit(jnp.sum), big)
     return Machine(flops=2 * matmul_size ** 3 / matmul, bandwidth=read_bytes / read)
 
 

@@ -383,7 +383,7 @@ class Trainer:
 
     def step(self) -> tuple[dict, list[dict]]:
         """One training step; returns (metrics, scored rollout rows)."""
-        c, t = self.config, self.config.trainer
+        c = self.config
         n = c.rollout.n_samples
         step = self.step_count + 1
         timings = {}

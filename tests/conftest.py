@@ -53,3 +53,18 @@ def copy_user_files(template, dest):
     shutil.copytree(template, dest, ignore=shutil.ignore_patterns(".demo_cache"))
     (dest / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
     return dest
+
+
+def wait_for_step(metrics_path, step: int, proc, timeout: float = 400) -> None:
+    """Block until the run writing `metrics_path` has logged `step` (or fail if it ended)."""
+    import time
+
+    from searchr1_jax.metrics_log import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics_path.exists() and any(r["step"] >= step for r in read_metrics(metrics_path)):
+            return
+        assert proc.poll() is None, "the run ended before the step was reached"
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")

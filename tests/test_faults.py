@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_world
+from conftest import make_tiny_world, wait_for_step
 from searchr1_jax.checkpoint import INTEGRITY_FILE, verify_integrity
 from searchr1_jax.metrics_log import read_metrics
 
@@ -75,16 +75,6 @@ def _largest_file(step_dir: Path) -> Path:
                key=lambda p: p.stat().st_size)
 
 
-def _wait_for_step(metrics: Path, step: int, proc, timeout=400):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):
-            return
-        assert proc.poll() is None, "the run ended before the step was reached"
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
-
-
 @pytest.fixture(scope="module")
 def straight(world, tmp_path_factory):
     """An uninterrupted 3-step run, a checkpoint after every step."""
@@ -129,7 +119,7 @@ def test_kill_before_the_first_save_then_resume_logs_each_step_once(world, strai
     run = tmp_path / "run"
     proc = subprocess.Popen(_command(world, run, "--config.trainer.save_every=100"), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(run / "metrics.jsonl", 2, proc)
+    wait_for_step(run / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.isdigit()]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import transformers
 
 from conftest import copy_user_files

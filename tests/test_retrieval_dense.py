@@ -435,12 +435,12 @@ def test_load_errors(flat_index, tmp_path):
 
 def test_build_finished_but_not_renamed_is_published_on_rerun(tiny_e5, corpus, tmp_path, monkeypatch):
     out = str(tmp_path / "late")
-    real_publish = dense._publish
+    real_publish = dense.publish
 
     def crash(staging, out_dir, overwrite):
         raise KeyboardInterrupt("simulated crash before the rename")
 
-    monkeypatch.setattr(dense, "_publish", crash)
+    monkeypatch.setattr(dense, "publish", crash)
     build = dict(batch_size=8, shard_size=64, max_length=MAX_LENGTH, show_progress=False)
     with pytest.raises(KeyboardInterrupt):
         dense.build_dense_index(corpus[0], out, tiny_e5[0], **build)
@@ -450,7 +450,7 @@ def test_build_finished_but_not_renamed_is_published_on_rerun(tiny_e5, corpus, t
     def must_not_embed(path, vectors):
         raise AssertionError("a finished build must not embed again")
 
-    monkeypatch.setattr(dense, "_publish", real_publish)
+    monkeypatch.setattr(dense, "publish", real_publish)
     monkeypatch.setattr(dense, "_save_shard", must_not_embed)
     dense.build_dense_index(corpus[0], out, tiny_e5[0], **build)
     assert sorted(os.listdir(out)) == ["docstore.arrow", "index.faiss", "meta.json"]

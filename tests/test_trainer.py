@@ -1,11 +1,9 @@
 """The trainer through its CLI on a tiny model and world: PPO and GRPO runs, exact resume
 after kill -9, a checkpoint on SIGTERM, 8 devices vs 1, and export to transformers."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import make_tiny_world
+from conftest import make_tiny_world, wait_for_step
 from searchr1_jax.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,16 +84,6 @@ def test_three_step_run_through_the_cli(world, tmp_path, algorithm):
         assert "run finished at step 4 of 4" in proc.stdout
 
 
-def _wait_for_step(metrics_path: Path, step: int, proc, timeout=400):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics_path.exists() and any(r["step"] >= step for r in read_metrics(metrics_path)):
-            return
-        assert proc.poll() is None, "the run ended before the step was reached"
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
-
-
 def test_kill_resume_and_sigterm_match_an_uninterrupted_run(world, tmp_path):
     five = ["--config.trainer.total_steps=5"]
     reference = _deterministic(_run(world, tmp_path / "straight", *five))
@@ -106,13 +94,13 @@ def test_kill_resume_and_sigterm_match_an_uninterrupted_run(world, tmp_path):
     # 1. kill -9 once step 2 is logged, i.e. while step 3 runs.
     proc = subprocess.Popen(_command(world, run, *five), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for_step(metrics, 2, proc)
+    wait_for_step(metrics, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 2. resume; SIGTERM once step 3 is logged: the run saves a checkpoint and exits cleanly.
     proc = subprocess.Popen(_command(world, run, *five, "--config.trainer.resume=True"), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(metrics, 3, proc)
+    wait_for_step(metrics, 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]

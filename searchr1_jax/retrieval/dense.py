@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from searchr1_jax.retrieval.corpus import count_lines, iter_passages
-from searchr1_jax.retrieval.docstore import DocStore, read_meta, write_docstore, write_meta
+from searchr1_jax.retrieval.docstore import DocStore, is_nonempty, publish, read_meta, write_docstore, write_meta
 from searchr1_jax.retrieval.encoder import TextEmbedder, load_encoder
 from searchr1_jax.retrieval.types import Passage
 
@@ -74,10 +74,6 @@ def _save_shard(path: str, vectors: np.ndarray) -> None:
     tmp = path[: -len(".npy")] + ".tmp.npy"
     np.save(tmp, vectors)
     os.replace(tmp, path)
-
-
-def _is_nonempty(path: str) -> bool:
-    return os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
 
 
 def _chunks(passages: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
@@ -174,20 +170,6 @@ def _write_meta_atomically(staging: str, num_passages: int, corpus: str, fields:
     os.rmdir(scratch)
 
 
-def _publish(staging: str, out: str, overwrite: bool) -> None:
-    if not _is_nonempty(out):
-        os.replace(staging, out)  # rename(2) also replaces an empty directory
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    # Directories cannot be swapped in one rename: retire the old index first; a crash between
-    # the two renames leaves it complete under the retired name.
-    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-    os.replace(out, os.path.join(retired, "index"))
-    os.replace(staging, out)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def _build_in_staging(
     corpus: str, staging: str, embedder: TextEmbedder, *, index_type: str, shard_size: int, fp16: bool,
     nlist: int | None, max_length: int, show_progress: bool,
@@ -255,7 +237,7 @@ def build_dense_index(
         raise FileNotFoundError(f"corpus file not found: {corpus}")
     encoder_path = os.path.abspath(os.fspath(encoder_dir))
     out = os.path.abspath(os.fspath(out_dir))
-    if _is_nonempty(out) and not overwrite:
+    if is_nonempty(out) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     # Load (and so check) the encoder before anything is written.
     encoder, tokenizer, config = load_encoder(encoder_path, pooling=pooling, query_prefix=query_prefix, passage_prefix=passage_prefix)
@@ -274,7 +256,7 @@ def build_dense_index(
                           nlist=nlist, max_length=max_length, show_progress=show_progress)
     shutil.rmtree(shards, ignore_errors=True)
     os.remove(os.path.join(staging, BUILD_FILE))
-    _publish(staging, out, overwrite)
+    publish(staging, out, overwrite)
 
 
 def _to_gpus(index, index_type: str, fp16: bool):
