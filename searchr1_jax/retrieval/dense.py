@@ -20,7 +20,6 @@ a half-built index.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from searchr1_jax.retrieval.corpus import count_lines, iter_passages
-from searchr1_jax.retrieval.docstore import DocStore, is_nonempty, publish, read_meta, write_docstore, write_meta
+from searchr1_jax.retrieval.docstore import (DocStore, check_build_settings, is_nonempty, publish, read_meta,
+                                             write_docstore, write_meta)
 from searchr1_jax.retrieval.encoder import TextEmbedder, load_encoder
 from searchr1_jax.retrieval.types import Passage
 
@@ -85,22 +85,6 @@ def _chunks(passages: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _check_build_settings(staging: str, settings: dict) -> None:
-    """Record `settings` in a new staging dir, or check that an interrupted build used the same."""
-    path = os.path.join(staging, BUILD_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
-        diffs = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if diffs:
-            detail = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diffs.items())
-            raise ValueError(f"{staging} holds an interrupted build with different settings ({detail}); delete it to start over")
-        return
-    os.makedirs(staging, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(settings, handle, indent=2)
 
 
 def _embed_shards(
@@ -244,7 +228,7 @@ def build_dense_index(
     embedder = TextEmbedder(encoder, tokenizer, config, max_length=max_length, batch_size=batch_size)
     staging = staging_dir(out)
     stat = os.stat(corpus)
-    _check_build_settings(staging, {
+    check_build_settings(staging, {
         "corpus": corpus, "corpus_bytes": stat.st_size, "corpus_mtime_ns": stat.st_mtime_ns,
         "encoder": encoder_path, "pooling": config.pooling, "query_prefix": config.query_prefix,
         "passage_prefix": config.passage_prefix, "max_length": max_length, "shard_size": shard_size,
