@@ -90,9 +90,11 @@ def test_the_readme_steps_run_verbatim(user_files_template, tmp_path):
                                           stderr=subprocess.PIPE, text=True)
                 _wait_for_server(port, server)
                 continue
+            started = time.monotonic()
             proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
             outputs[i] = proc
+            print(f"{time.monotonic() - started:6.1f} s  {command[:110]}")  # shown with pytest -s
     finally:
         if server is not None:
             server.terminate()
