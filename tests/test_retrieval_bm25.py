@@ -188,3 +188,13 @@ def test_term_maxima_handles_empty_columns():
     data = np.array([0.5, 2.0, 1.0, 3.0], np.float32)
     indptr = np.array([0, 0, 2, 2, 4, 4])  # columns 0, 2 and 4 are empty
     np.testing.assert_array_equal(bm25.term_maxima(data, indptr), [0.0, 2.0, 0.0, 3.0, 0.0])
+
+
+def test_index_without_term_max_file_gives_the_same_results(random_corpus, tmp_path):
+    """Indexes built before term_max.npy existed compute the column maxima on load."""
+    import shutil
+
+    _, index, queries = random_corpus
+    shutil.copytree(index, tmp_path / "old")
+    (tmp_path / "old" / bm25.TERM_MAX_FILE).unlink()
+    assert Bm25Retriever.load(tmp_path / "old").search(queries, 5) == Bm25Retriever.load(index).search(queries, 5)

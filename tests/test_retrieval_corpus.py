@@ -144,3 +144,16 @@ def test_staged_directory_replaces_only_on_success(tmp_path):
         pathlib.Path(staging, "v").write_text("3")
     assert (out / "v").read_text() == "3"
     assert sorted(os.listdir(tmp_path)) == ["index"]
+
+
+def test_docstore_reads_stores_written_before_contents_was_kept(tmp_path):
+    """Index directories built earlier hold columns id, title, text: still readable."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    schema = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+    with ipc.new_file(str(tmp_path / "docstore.arrow"), schema) as writer:
+        writer.write_batch(pa.record_batch([pa.array(["1", "2"]), pa.array(["Paris", "Rome"]), pa.array(["a", "b\nc"])], schema=schema))
+    store = DocStore.open(tmp_path)
+    assert store.passages([1, 0], [2.0, 1.0]) == [Passage("2", "Rome", "b\nc", 2.0), Passage("1", "Paris", "a", 1.0)]
+    assert store.passage(1).contents == '"Rome"\nb\nc'
