@@ -115,6 +115,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(world, straight,
     assert all(steps == [1, 2, 3] for steps in _tensorboard_steps(run).values())
 
 
+@pytest.mark.slow
 def test_kill_before_the_first_save_then_resume_logs_each_step_once(world, straight, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(_command(world, run, "--config.trainer.save_every=100"), cwd=REPO, env=_env(),
@@ -238,6 +239,7 @@ def _searching_model(world, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_retriever_outage_mid_run_is_waited_out(world, tmp_path):
     """The server dies once the run has passed its start-up probe (its TensorBoard directory
     exists), before the first search, and comes back 20 s later: the run retries (counted in
